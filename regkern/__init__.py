@@ -1,0 +1,42 @@
+"""regkern: fused attention kernels for Vision Transformers with register tokens.
+
+Public API (see README.md):
+    register_attention      attention over [KV-only registers, tokens] with optional statistics, backend dispatch
+    reference               the pure-PyTorch semantics every kernel is tested against
+    layer_norm_with_norms   LayerNorm that also returns each token's input L2 norm
+    embed_tokens            [CLS, registers, patches] + position embeddings, as timm builds them
+    RegisterViTAttention    drop-in for timm.layers.Attention
+    RegisterEvaAttention    drop-in for timm's EvaAttention (RoPE on patch tokens)
+    patch_timm / unpatch_timm / explain
+
+Importing regkern never touches a GPU, xformers or a compiled extension.
+"""
+
+from . import reference
+from .attention import register_attention
+from .backends import AUTO_ORDER, BACKENDS, AttentionRequest, get_backend, resolve_backend
+from .modules import RegisterEvaAttention, RegisterViTAttention
+from .patching import explain, patch_timm, unpatch_timm
+from .reference import STAT_NAMES, AttentionStats, embed_tokens, layer_norm_with_norms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "reference",
+    "register_attention",
+    "layer_norm_with_norms",
+    "embed_tokens",
+    "AttentionStats",
+    "STAT_NAMES",
+    "RegisterViTAttention",
+    "RegisterEvaAttention",
+    "patch_timm",
+    "unpatch_timm",
+    "explain",
+    "BACKENDS",
+    "AUTO_ORDER",
+    "AttentionRequest",
+    "get_backend",
+    "resolve_backend",
+]

@@ -1,0 +1,387 @@
+"""Drop-in attention modules for timm ViTs. They hold parameters only; the math lives in the ops.
+
+``RegisterViTAttention`` replaces ``timm.layers.Attention`` and ``RegisterEvaAttention`` replaces
+``timm.models.eva.EvaAttention`` (RoPE on patch tokens: DINOv3, ``vit_*_rope_reg*``). Both keep timm's parameter
+and buffer names and shapes, so state_dicts load with ``strict=True`` in both directions, and both can be built
+from an existing timm module reusing its Parameter objects (``from_timm``).
+
+The attention backend is chosen once, at construction and again whenever the module moves (``.to()``,
+``.cuda()``, ``.half()``), never inside forward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import run_attention
+from .backends import AttentionBackend, AttentionRequest, BackendChoice, resolve_backend
+from .reference import apply_rope
+
+__all__ = ["RegisterViTAttention", "RegisterEvaAttention"]
+
+
+class UnavailableBackend(AttentionBackend):
+    """Stands in for an explicitly requested backend that cannot run on the module's current device/dtype.
+
+    The module can still be built (e.g. on the CPU before ``.cuda()``); calling it raises the reasons."""
+
+    def __init__(self, name: str, message: str):
+        self.name = name
+        self.description = "unavailable: " + message
+        self.message = message
+
+    def attention(self, *args, **kwargs):
+        raise RuntimeError(self.message)
+
+
+def _causal_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, device) -> Optional[torch.Tensor]:
+    if not is_causal:
+        return attn_mask
+    if attn_mask is not None:
+        raise ValueError("attn_mask: must be None when is_causal=True (as in scaled_dot_product_attention)")
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+class _RegisterAttentionBase(nn.Module):
+    """Backend choice and KV-register parameters shared by the drop-in modules."""
+
+    num_heads: int
+    head_dim: int
+
+    def _setup_registers_and_backend(
+        self, num_kv_registers: int, num_prefix_tokens: int, backend: Optional[str], device=None, dtype=None
+    ) -> None:
+        if isinstance(num_kv_registers, bool) or not isinstance(num_kv_registers, int) or num_kv_registers < 0:
+            raise ValueError(f"num_kv_registers: expected an int >= 0, got {num_kv_registers!r}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens: expected an int >= 0, got {num_prefix_tokens!r}")
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_kv_registers = num_kv_registers
+        if num_kv_registers:
+            shape = (num_kv_registers, self.num_heads, self.head_dim)
+            self.reg_k = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+            self.reg_v = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+            self.reset_kv_registers()
+        else:
+            # no parameter, no state_dict key, no cost
+            self.register_parameter("reg_k", None)
+            self.register_parameter("reg_v", None)
+        self.requested_backend = backend
+        self._choose_backend()
+
+    def reset_kv_registers(self, std: float = 0.02) -> None:
+        """Re-initialise the KV-only registers (truncated normal, like timm's token init)."""
+        if self.reg_k is not None:
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.reg_k, std=std)
+                nn.init.trunc_normal_(self.reg_v, std=std)
+
+    def _reference_param(self) -> torch.Tensor:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            return b
+        return torch.empty(0)
+
+    def _choose_backend(self) -> None:
+        p = self._reference_param()
+        dropout = float(self.attn_drop.p) > 0
+        request = AttentionRequest(p.device.type, p.dtype, self.head_dim, frozenset(), False, dropout)
+        try:
+            choice = resolve_backend(self.requested_backend, request)
+        except ValueError as err:
+            name = self.requested_backend or "auto"
+            choice = BackendChoice(UnavailableBackend(name, str(err)), f"unavailable: {err}")
+        self._backend_choice = choice
+        self._attention_backend = choice.backend
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._choose_backend()  # device or dtype may have changed
+        return result
+
+    @property
+    def backend_name(self) -> str:
+        """Name of the backend this module runs."""
+        return self._backend_choice.name
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend was chosen, in words."""
+        return self._backend_choice.reason
+
+    def set_backend(self, backend: Optional[str]) -> None:
+        """Choose another backend ("auto", "torch", "reference", ...); decided now, not in forward."""
+        self.requested_backend = backend
+        self._choose_backend()
+
+    def _attend(self, q, k, v, attn_mask):
+        return run_attention(
+            self._attention_backend, q, k, v, self.reg_k, self.reg_v, scale=self.scale, attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_prefix_tokens={self.num_prefix_tokens}, "
+            f"num_kv_registers={self.num_kv_registers}, backend={self.backend_name!r}"
+        )
+
+
+def _norm_or_identity(enabled: bool, norm_layer, size: int, dd) -> nn.Module:
+    return (norm_layer or nn.LayerNorm)(size, **dd) if enabled else nn.Identity()
+
+
+class RegisterViTAttention(_RegisterAttentionBase):
+    """Drop-in for ``timm.layers.Attention`` running regkern's register attention.
+
+    Same constructor arguments as timm (1.0.20 and newer; pass them by keyword, as timm does), same parameter names,
+    same forward signature and result. regkern-only options:
+
+    Args:
+        num_kv_registers: R learnable KV-only registers, parameters ``reg_k``/``reg_v`` of shape (R, H, d); they are
+            extra keys/values, not tokens. 0 (default) adds no parameter and no cost.
+        num_prefix_tokens: leading tokens that are CLS/registers (used by statistics; ``patch_timm`` sets it).
+        backend: "auto" (default: $REGKERN_BACKEND or auto), "torch", "reference", ...
+
+    Shapes: ``forward(x)`` takes x (B, N, dim) and returns (B, N, dim_out).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        attn_head_dim: Optional[int] = None,
+        dim_out: Optional[int] = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        gated: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        device=None,
+        dtype=None,
+        num_kv_registers: int = 0,
+        num_prefix_tokens: int = 0,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if attn_head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
+            attn_head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.head_dim = attn_head_dim
+        self.attn_dim = num_heads * attn_head_dim
+        self.scale = attn_head_dim**-0.5
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = _norm_or_identity(qk_norm, norm_layer, attn_head_dim, dd)
+        self.k_norm = _norm_or_identity(qk_norm, norm_layer, attn_head_dim, dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = _norm_or_identity(scale_norm, norm_layer, self.attn_dim, dd)
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._setup_registers_and_backend(num_kv_registers, num_prefix_tokens, backend, **dd)
+
+    @classmethod
+    def from_timm(
+        cls,
+        attn: nn.Module,
+        *,
+        num_kv_registers: int = 0,
+        num_prefix_tokens: int = 0,
+        backend: Optional[str] = None,
+    ) -> "RegisterViTAttention":
+        """Build from a ``timm.layers.Attention``, reusing its submodules and Parameter objects (no copies)."""
+        from timm.layers import Attention
+
+        if type(attn) is not Attention:
+            raise TypeError(f"attn: expected a timm.layers.Attention, got {type(attn).__module__}.{type(attn).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.scale = attn.scale
+        self.fused_attn = True
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm"):
+            setattr(self, name, getattr(attn, name))
+        self.gate = getattr(attn, "gate", None)
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.train(attn.training)
+        p = attn.qkv.weight
+        self._setup_registers_and_backend(
+            num_kv_registers, num_prefix_tokens, backend, device=p.device, dtype=p.dtype
+        )
+        return self
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """x (B, N, dim) -> (B, N, dim_out). ``attn_mask``: bool/additive, broadcastable to (B, H, N, N)."""
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn_mask = _causal_mask(attn_mask, is_causal, N, x.device)
+        x = self._attend(q, k, v, attn_mask).view(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class RegisterEvaAttention(_RegisterAttentionBase):
+    """Drop-in for ``timm.models.eva.EvaAttention``: RoPE on patch tokens only (prefix tokens are not rotated).
+
+    Same constructor arguments, parameters (``qkv``, ``q_bias``, ``v_bias``, non-persistent buffer ``k_bias``, or
+    ``q_proj``/``k_proj``/``v_proj``) and forward ``(x, rope=None, attn_mask=None, is_causal=False)`` as timm.
+    regkern-only options as in ``RegisterViTAttention``. x (B, N, dim) -> (B, N, dim); ``rope`` is timm's
+    concatenated [sin, cos] table broadcastable to (B, H, N - num_prefix_tokens, 2 * head_dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = True,
+        qkv_fused: bool = True,
+        qkv_bias_separate: bool = False,
+        num_prefix_tokens: int = 1,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_head_dim: Optional[int] = None,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        qk_norm: bool = False,
+        scale_norm: bool = True,
+        rotate_half: bool = False,
+        gated: bool = False,
+        device=None,
+        dtype=None,
+        num_kv_registers: int = 0,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = attn_head_dim if attn_head_dim is not None else dim // num_heads
+        attn_dim = self.head_dim * num_heads
+        self.attn_dim = attn_dim
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = True
+        self.qkv_bias_separate = qkv_bias_separate
+        self.rotate_half = rotate_half
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, attn_dim * 3, bias=False, **dd)
+            self.q_proj = self.k_proj = self.v_proj = None
+            if qkv_bias:
+                self.q_bias = nn.Parameter(torch.zeros(attn_dim, **dd))
+                self.register_buffer("k_bias", torch.zeros(attn_dim, **dd), persistent=False)
+                self.v_bias = nn.Parameter(torch.zeros(attn_dim, **dd))
+            else:
+                self.q_bias = self.k_bias = self.v_bias = None
+        else:
+            self.q_proj = nn.Linear(dim, attn_dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, attn_dim, bias=False, **dd)
+            self.v_proj = nn.Linear(dim, attn_dim, bias=qkv_bias, **dd)
+            self.qkv = None
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.q_norm = _norm_or_identity(qk_norm, norm_layer, self.head_dim, dd)
+        self.k_norm = _norm_or_identity(qk_norm, norm_layer, self.head_dim, dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = _norm_or_identity(scale_norm, norm_layer, attn_dim, dd)
+        self.gate = nn.Linear(dim, attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(attn_dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._setup_registers_and_backend(num_kv_registers, num_prefix_tokens, backend, **dd)
+
+    def init_non_persistent_buffers(self) -> None:
+        """As timm: fill the non-persistent ``k_bias`` buffer (zeros) after materialising from meta."""
+        if self.k_bias is not None:
+            self.k_bias.zero_()
+
+    @classmethod
+    def from_timm(
+        cls, attn: nn.Module, *, num_kv_registers: int = 0, backend: Optional[str] = None
+    ) -> "RegisterEvaAttention":
+        """Build from a ``timm.models.eva.EvaAttention``, reusing its submodules, Parameters and buffers."""
+        from timm.models.eva import EvaAttention
+
+        if type(attn) is not EvaAttention:
+            raise TypeError(f"attn: expected a timm EvaAttention, got {type(attn).__module__}.{type(attn).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = attn.num_heads * attn.head_dim
+        self.scale = attn.scale
+        self.fused_attn = True
+        self.qkv_bias_separate = attn.qkv_bias_separate
+        self.rotate_half = getattr(attn, "rotate_half", False)
+        for name in ("qkv", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "attn_drop", "norm"):
+            setattr(self, name, getattr(attn, name))
+        # Parameters and buffers owned by the timm module itself: register the same tensor objects
+        for name in ("q_bias", "v_bias"):
+            setattr(self, name, getattr(attn, name))
+        if attn.k_bias is None:
+            self.k_bias = None
+        else:
+            self.register_buffer("k_bias", attn.k_bias, persistent=False)
+        self.gate = getattr(attn, "gate", None)
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.train(attn.training)
+        p = next(attn.parameters())
+        self._setup_registers_and_backend(
+            num_kv_registers, attn.num_prefix_tokens, backend, device=p.device, dtype=p.dtype
+        )
+        return self
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        H = self.num_heads
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                if self.qkv_bias_separate:
+                    qkv = self.qkv(x)
+                    qkv += qkv_bias
+                else:
+                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            q, k, v = qkv.reshape(B, N, 3, H, self.head_dim).unbind(2)
+        else:
+            q = self.q_proj(x).reshape(B, N, H, self.head_dim)
+            k = self.k_proj(x).reshape(B, N, H, self.head_dim)
+            v = self.v_proj(x).reshape(B, N, H, self.head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt = self.num_prefix_tokens
+            q = apply_rope(q, rope, npt, rotate_half=self.rotate_half).type_as(v)
+            k = apply_rope(k, rope, npt, rotate_half=self.rotate_half).type_as(v)
+        attn_mask = _causal_mask(attn_mask, is_causal, N, x.device)
+        x = self._attend(q, k, v, attn_mask).view(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        return self.proj_drop(x)

@@ -1,0 +1,127 @@
+"""Instance-level patching of timm models: ``patch_timm``, ``unpatch_timm`` and ``explain``.
+
+Only the given model's modules are swapped (timm's classes are never replaced globally). Each replacement reuses the
+original module's submodules and Parameter objects, so the state_dict keys and tensors are unchanged, and remembers
+the original object so ``unpatch_timm`` can put it back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+from .modules import RegisterEvaAttention, RegisterViTAttention, _RegisterAttentionBase
+
+__all__ = ["patch_timm", "unpatch_timm", "explain", "supported_attention_classes"]
+
+_ORIGINAL = "_regkern_original"
+
+
+def supported_attention_classes() -> Dict[type, type]:
+    """timm attention class -> regkern replacement (imported lazily: importing regkern does not import timm)."""
+    from timm.layers import Attention
+    from timm.models.eva import EvaAttention
+
+    return {Attention: RegisterViTAttention, EvaAttention: RegisterEvaAttention}
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower() or isinstance(module, nn.MultiheadAttention)
+
+
+def _set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def patch_timm(
+    model: nn.Module,
+    *,
+    backend: Optional[str] = None,
+    num_kv_registers: int = 0,
+) -> nn.Module:
+    """Swap every supported attention module of a timm model for its regkern drop-in, in place.
+
+    Args:
+        model: a timm model (``VisionTransformer``, ``Eva``, ...) or any module tree holding timm attention layers.
+        backend: backend for every patched layer ("auto", "torch", "reference", ...); default $REGKERN_BACKEND/auto.
+        num_kv_registers: add R learnable KV-only registers to every patched layer (new ``reg_k``/``reg_v``
+            parameters, initialised small; 0 = none).
+
+    Returns:
+        The same model object. Unsupported attention classes are left untouched with one warning that names them.
+        The number of prefix tokens (CLS + registers) is read from ``model.num_prefix_tokens``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    supported = supported_attention_classes()
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    replacements: List[Tuple[str, nn.Module]] = []
+    unsupported: Counter = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, _RegisterAttentionBase) or _inside_patched(name, replacements):
+            continue
+        target = supported.get(type(module))
+        if target is None:
+            if name and _looks_like_attention(module):
+                unsupported[f"{type(module).__module__}.{type(module).__qualname__}"] += 1
+            continue
+        if not name:
+            raise TypeError("model: the model itself is an attention module; wrap it in a container to patch it")
+        if target is RegisterViTAttention:
+            new = RegisterViTAttention.from_timm(
+                module, num_kv_registers=num_kv_registers, num_prefix_tokens=num_prefix, backend=backend
+            )
+        else:
+            new = RegisterEvaAttention.from_timm(module, num_kv_registers=num_kv_registers, backend=backend)
+        object.__setattr__(new, _ORIGINAL, module)  # plain attribute: not a submodule, not in state_dict
+        replacements.append((name, new))
+    for name, new in replacements:
+        _set_child(model, name, new)
+    if unsupported:
+        listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
+        warnings.warn(f"regkern.patch_timm: left unsupported attention modules untouched: {listed}", stacklevel=2)
+    return model
+
+
+def _inside_patched(name: str, replacements: List[Tuple[str, nn.Module]]) -> bool:
+    return any(name.startswith(parent + ".") for parent, _ in replacements)
+
+
+def unpatch_timm(model: nn.Module) -> nn.Module:
+    """Put the original timm module objects back (in place) and return the model.
+
+    Parameters and buffers that were moved or converted while patched (``.to()``) are handed back to the original
+    modules, and their train/eval mode follows the patched module's. KV registers added by ``patch_timm`` are dropped.
+    """
+    restores = []
+    for name, module in model.named_modules():
+        original = getattr(module, _ORIGINAL, None) if isinstance(module, _RegisterAttentionBase) else None
+        if original is not None:
+            restores.append((name, module, original))
+    for name, patched, original in restores:
+        for pname, param in patched._parameters.items():
+            if pname in original._parameters:
+                original._parameters[pname] = param
+        for bname, buf in patched._buffers.items():
+            if bname in original._buffers:
+                original._buffers[bname] = buf
+        original.train(patched.training)
+        if name:
+            _set_child(model, name, original)
+    return model
+
+
+def explain(module_or_model: nn.Module) -> str:
+    """Which backend each regkern attention module runs, and why, one line per module (a string to print)."""
+    lines = []
+    for name, module in module_or_model.named_modules():
+        if isinstance(module, _RegisterAttentionBase):
+            lines.append(f"{name or '<root>'}: {type(module).__name__} -> {module.backend_name} ({module.backend_reason})")
+    if not lines:
+        return "no regkern attention modules (call regkern.patch_timm(model) first)"
+    return "\n".join(lines)

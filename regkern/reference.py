@@ -1,0 +1,274 @@
+"""Pure-PyTorch reference semantics of every regkern op.
+
+This module is the single source of truth: every kernel (Triton, CUDA) is tested against these functions and
+the CPU path uses them. All arithmetic runs in float32 (or wider, for float64 inputs) and results are cast back
+to the input dtype at the end. Nothing here is fast; it materialises the attention matrix.
+
+Layout conventions (same for every backend):
+    q, k, v      (B, N, H, d)   any strides, e.g. the unbound slices of ``qkv(x).view(B, N, 3, H, d)``
+    reg_k, reg_v (R, H, d)      KV-only registers shared by the batch, or (B, R, H, d) per batch element
+    keys         ordered [R registers, N tokens]: key index j < R is register j, j >= R is token j - R
+    out          (B, N, H, d)   contiguous, so ``out.view(B, N, H * d)`` feeds the output projection
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "STAT_NAMES",
+    "AttentionStats",
+    "register_attention",
+    "layer_norm_with_norms",
+    "embed_tokens",
+    "apply_rope",
+]
+
+#: Statistics ``register_attention`` can return, in a fixed order.
+STAT_NAMES = ("lse", "out_norm", "received", "prefix_rows")
+
+
+class AttentionStats(Mapping):
+    """Statistics returned by ``register_attention(..., return_stats=...)``; read by key or attribute.
+
+    Only the requested statistics are present. All tensors are float32:
+        lse          (B, H, N)         natural-log sum-exp of the scaled scores over all R + N keys
+        out_norm     (B, N)            L2 norm of the float32 output of token n over all heads
+        received     (B, H, R + N)     attention probability each key receives, summed over the N queries
+        prefix_rows  (B, H, P, R + N)  full attention rows of the first P = ``num_prefix`` queries
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"statistic {name!r} was not requested; requested: {sorted(self._tensors)}") from None
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise AttributeError(
+                f"statistic {name!r} was not requested; requested: {sorted(self._tensors)}"
+            ) from None
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self._tensors.items())
+        return f"AttentionStats({items})"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_heads_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # (B, L, H, d) -> (B, H, L, d) in the compute dtype
+    return t.to(dtype).transpose(1, 2)
+
+
+def _batched_registers(reg: torch.Tensor, batch: int) -> torch.Tensor:
+    # (R, H, d) shared -> (B, R, H, d); (B, R, H, d) is returned as is
+    return reg.unsqueeze(0).expand(batch, *reg.shape) if reg.dim() == 3 else reg
+
+
+def token_mask_to_bias(
+    attn_mask: Optional[torch.Tensor], num_registers: int, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """Turn an SDPA-style mask over the N token keys into an additive bias over all R + N keys.
+
+    ``attn_mask`` is boolean (True = may attend) or additive float, broadcastable to (B, H, N, N). Register keys are
+    never masked. Returns a float tensor broadcastable to (B, H, N, R + N), or None.
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+        bias = bias.masked_fill(~attn_mask, float("-inf"))
+    else:
+        bias = attn_mask.to(dtype)
+    if num_registers:
+        bias = F.pad(bias, (num_registers, 0), value=0.0)
+    return bias
+
+
+def register_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reg_k: Optional[torch.Tensor] = None,
+    reg_v: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    return_stats: Iterable[str] = (),
+    num_prefix: int = 0,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+):
+    """Materialising reference of register attention (no input checks: ``regkern.register_attention`` does them).
+
+    Args:
+        q, k, v: (B, N, H, d) queries, keys and values, any strides.
+        reg_k, reg_v: optional KV-only registers, (R, H, d) shared by the batch or (B, R, H, d).
+        scale: score scale, default ``d ** -0.5``.
+        return_stats: names from ``STAT_NAMES``; when non-empty the call returns ``(out, AttentionStats)``.
+        num_prefix: P, number of leading query tokens (CLS + registers) whose rows ``prefix_rows`` returns.
+        attn_mask: optional mask over the token keys, bool (True = attend) or additive, broadcastable to
+            (B, H, N, N); register keys are never masked.
+        dropout_p: dropout on the attention probabilities (statistics are taken before dropout).
+
+    Returns:
+        out (B, N, H, d) contiguous in q's dtype, or ``(out, stats)``.
+    """
+    B, N, H, d = q.shape
+    cdtype = _compute_dtype(q.dtype)
+    scale = d**-0.5 if scale is None else float(scale)
+    qf = _to_heads_first(q, cdtype)
+    kf = _to_heads_first(k, cdtype)
+    vf = _to_heads_first(v, cdtype)
+    R = 0
+    if reg_k is not None:
+        R = reg_k.shape[-3]
+        kf = torch.cat([_to_heads_first(_batched_registers(reg_k, B), cdtype), kf], dim=2)
+        vf = torch.cat([_to_heads_first(_batched_registers(reg_v, B), cdtype), vf], dim=2)
+
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, N, R + N)
+    bias = token_mask_to_bias(attn_mask, R, cdtype)
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, N)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    used = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+    out_f = torch.matmul(used, vf).transpose(1, 2)  # (B, N, H, d)
+    out = out_f.to(q.dtype).contiguous()
+
+    requested = tuple(return_stats or ())
+    if not requested:
+        return out
+    stats = {}
+    for name in requested:
+        if name == "lse":
+            stats[name] = lse.float()
+        elif name == "out_norm":
+            stats[name] = out_f.reshape(B, N, H * d).norm(dim=-1).float()
+        elif name == "received":
+            stats[name] = probs.sum(dim=2).float()
+        elif name == "prefix_rows":
+            stats[name] = probs[:, :, :num_prefix, :].float().contiguous()
+        else:  # checked by the public entry point; kept for direct callers
+            raise ValueError(f"return_stats: unknown statistic {name!r}; expected any of {STAT_NAMES}")
+    return out, AttentionStats(stats)
+
+
+def layer_norm_with_norms(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = 1e-6,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim that also returns each input token's L2 norm.
+
+    Args:
+        x: (..., C) input, e.g. the residual stream (B, N, C).
+        weight, bias: (C,) affine parameters or None.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        y (..., C) in x's dtype, and norms (...) float32: ``||x[..., :]||_2`` of the input, computed in float32
+        (the residual-stream norm where high-norm artifacts live).
+    """
+    cdtype = _compute_dtype(x.dtype)
+    xf = x.to(cdtype)
+    C = x.shape[-1]
+    w = None if weight is None else weight.to(cdtype)
+    b = None if bias is None else bias.to(cdtype)
+    y = F.layer_norm(xf, (C,), w, b, eps).to(x.dtype)
+    norms = torch.linalg.vector_norm(xf, dim=-1).float()
+    return y, norms
+
+
+def embed_tokens(
+    x: torch.Tensor,
+    pos_embed: Optional[torch.Tensor] = None,
+    cls_token: Optional[torch.Tensor] = None,
+    reg_token: Optional[torch.Tensor] = None,
+    *,
+    no_embed_class: bool = False,
+) -> torch.Tensor:
+    """The entry sequence [CLS, registers, patches] with position embeddings, as timm's ``VisionTransformer._pos_embed``.
+
+    Args:
+        x: (B, M, C) patch tokens, or (B, Hp, Wp, C) (flattened row-major to M = Hp * Wp).
+        pos_embed: (1, M, C) when ``no_embed_class`` (added to patches only), else (1, P + M, C) covering the prefix
+            too; None for models without absolute position embeddings. It must already match the grid: resample with
+            ``timm.layers.resample_abs_pos_embed`` first for dynamic image sizes.
+        cls_token: (1, 1, C) or None (models without a class token).
+        reg_token: (1, R, C) or None.
+        no_embed_class: timm's flag: position embeddings skip the prefix tokens (DeiT-3, DINOv2 with registers).
+
+    Returns:
+        (B, P + M, C) with P = (cls_token is not None) + R, in ``torch.result_type`` of the inputs. Position
+        embeddings are added in float32 and rounded once (identical to timm in float32).
+    """
+    B, C = x.shape[0], x.shape[-1]
+    x = x.reshape(B, -1, C)
+    prefix = [t.expand(B, -1, -1) for t in (cls_token, reg_token) if t is not None]
+    out_dtype = x.dtype if pos_embed is None else torch.result_type(x, pos_embed)
+    if pos_embed is None:
+        return torch.cat(prefix + [x], dim=1).to(out_dtype)
+    cdtype = _compute_dtype(out_dtype)
+    if no_embed_class:
+        x = (x.to(cdtype) + pos_embed.to(cdtype)).to(out_dtype)
+        return torch.cat([t.to(out_dtype) for t in prefix] + [x], dim=1) if prefix else x
+    seq = torch.cat([t.to(cdtype) for t in prefix] + [x.to(cdtype)], dim=1) if prefix else x.to(cdtype)
+    return (seq + pos_embed.to(cdtype)).to(out_dtype)
+
+
+def rope_to_token_layout(rope: torch.Tensor) -> torch.Tensor:
+    """Convert a timm RoPE tensor (broadcastable to (B, H, M, 2d), as timm's EvaAttention uses it) to the
+    (b, M, h, 2d) layout that broadcasts against (B, M, H, d) tokens."""
+    r = rope
+    while r.dim() < 4:
+        r = r.unsqueeze(0)
+    return r.transpose(1, 2)
+
+
+def apply_rope(
+    t: torch.Tensor, rope: torch.Tensor, num_prefix: int, *, rotate_half: bool = False
+) -> torch.Tensor:
+    """Rotary position embedding on the patch tokens of t, prefix tokens untouched (timm EvaAttention semantics).
+
+    Args:
+        t: (B, N, H, d) queries or keys.
+        rope: concatenated [sin, cos] table in timm's layout, broadcastable to (B, H, M, 2d) with M = N - num_prefix.
+        num_prefix: tokens at the start of the sequence that get no rotation (CLS and registers).
+        rotate_half: timm's 'half' layout ([-x2, x1]) instead of the interleaved one ([-x1, x0, -x3, x2, ...]).
+
+    Returns:
+        (B, N, H, d) in t's dtype. The rotation uses normal dtype promotion with the table, as timm does.
+    """
+    r = rope_to_token_layout(rope)
+    sin, cos = r.chunk(2, dim=-1)
+    x = t[:, num_prefix:]
+    if rotate_half:
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+    else:
+        rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+    x = (x * cos + rotated * sin).to(t.dtype)
+    if num_prefix == 0:
+        return x
+    return torch.cat([t[:, :num_prefix], x], dim=1)

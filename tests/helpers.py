@@ -1,0 +1,38 @@
+"""Input builders shared by the tests."""
+
+import torch
+
+
+def packed_qkv(B, N, H, d, dtype=torch.float32, device="cpu", seed=0):
+    """q, k, v as strided (B, N, H, d) views of one packed (B, N, 3, H, d) tensor, like a qkv Linear output."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).to(device=device, dtype=dtype)
+    return qkv.unbind(2)
+
+
+def registers(B, R, H, d, shared, dtype=torch.float32, device="cpu", seed=1):
+    if R == 0:
+        return None, None
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (R, H, d) if shared else (B, R, H, d)
+    return (torch.randn(shape, generator=g).to(device=device, dtype=dtype),
+            torch.randn(shape, generator=g).to(device=device, dtype=dtype))
+
+
+def eager_attention(q, k, v, reg_k=None, reg_v=None, scale=None):
+    """PyTorch's plain eager attention in the inputs' own precision (no upcast), as timm's unfused path computes it.
+
+    Its error against the float32 reference is "PyTorch's own error at the same precision" in the tolerance rule.
+    """
+    B, N, H, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    if reg_k is not None:
+        expand = (lambda r: r.unsqueeze(0).expand(B, -1, -1, -1)) if reg_k.dim() == 3 else (lambda r: r)
+        k = torch.cat([expand(reg_k), k], 1)
+        v = torch.cat([expand(reg_v), v], 1)
+    attn = (q.transpose(1, 2) * scale) @ k.transpose(1, 2).transpose(-1, -2)
+    return (attn.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def max_error(x, ref):
+    return (x.float() - ref.float()).abs().max().item()
