@@ -5,9 +5,10 @@ an ``AttentionRequest`` (static facts: device, dtype, head dim, requested statis
 inside a forward, so the choice is stable under ``torch.compile`` and CUDA-graph capture.
 
 Backends, in the order ``"auto"`` tries them:
+    triton     fused Triton kernels (``regkern.attention_triton``): registers and prefix as their own KV segment,
+               forward + backward, LSE. CUDA tensors; CPU tensors only when named explicitly under TRITON_INTERPRET=1.
     torch      PyTorch ``scaled_dot_product_attention`` with registers concatenated to the keys; no statistics.
     reference  the materialising float32 reference; supports everything, slow; serves statistics and tests.
-Later issues add "triton" and "cuda" in front of these.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class AttentionBackend:
 
     name: str = ""
     description: str = ""
+    #: device types ``"auto"`` may pick this backend for (None: any the backend supports)
+    auto_device_types: Optional[Tuple[str, ...]] = None
 
     def not_supported_reasons(self, request: AttentionRequest) -> List[str]:
         """Reasons, in words, why this backend cannot serve ``request``; empty when it can."""
@@ -109,10 +112,49 @@ class TorchBackend(AttentionBackend):
         return out.transpose(1, 2).contiguous()
 
 
-BACKENDS: Dict[str, AttentionBackend] = {b.name: b for b in (TorchBackend(), ReferenceBackend())}
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    description = "fused Triton kernels: registers and CLS/register prefix as their own KV segment"
+    auto_device_types = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 128
+    stats = frozenset({"lse"})
+
+    def not_supported_reasons(self, request: AttentionRequest) -> List[str]:
+        reasons = []
+        try:
+            from . import attention_triton
+        except ImportError as err:  # triton missing or broken
+            return [f"triton cannot be imported ({err})"]
+        if request.device_type == "cpu":
+            if not attention_triton.INTERPRETED:
+                reasons.append("CPU tensors need TRITON_INTERPRET=1 set before regkern's Triton kernels are imported")
+        elif request.device_type != "cuda":
+            reasons.append(f"device type {request.device_type!r} is not supported (CUDA, or CPU under the interpreter)")
+        if request.dtype not in self.dtypes:
+            reasons.append(f"dtype {request.dtype} is not supported (float16, bfloat16, float32)")
+        if request.head_dim > self.max_head_dim:
+            reasons.append(f"head_dim {request.head_dim} > {self.max_head_dim}")
+        extra = sorted(request.stats - self.stats)
+        if extra:
+            reasons.append(f"statistics {extra} are not computed by the Triton kernel yet (only 'lse')")
+        if request.has_mask:
+            reasons.append("attn_mask is not supported by the fused kernel")
+        if request.dropout:
+            reasons.append("attention dropout is not supported by the fused kernel")
+        return reasons
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        from .attention_op import attention_fwd
+
+        out, lse = attention_fwd(q, k, v, reg_k, reg_v, scale, num_prefix, "triton")
+        return (out, reference.AttentionStats({"lse": lse})) if return_stats else out
+
+
+BACKENDS: Dict[str, AttentionBackend] = {b.name: b for b in (TritonBackend(), TorchBackend(), ReferenceBackend())}
 
 #: The order in which ``"auto"`` tries backends; the first that supports the request wins.
-AUTO_ORDER: Tuple[str, ...] = ("torch", "reference")
+AUTO_ORDER: Tuple[str, ...] = ("triton", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -163,6 +205,10 @@ def resolve_backend(backend: Optional[str], request: AttentionRequest) -> Backen
         return BackendChoice(chosen, f"requested by {source}")
     skipped: Dict[str, List[str]] = {}
     for candidate in AUTO_ORDER:
+        allowed = BACKENDS[candidate].auto_device_types
+        if allowed is not None and request.device_type not in allowed:
+            skipped[candidate] = [f"auto uses it on {'/'.join(allowed)} only (name it explicitly otherwise)"]
+            continue
         reasons = BACKENDS[candidate].not_supported_reasons(request)
         if not reasons:
             why = f"auto ({source}): first supporting backend for {request.device_type}/{str(request.dtype)[6:]}"

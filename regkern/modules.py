@@ -11,6 +11,7 @@ The attention backend is chosen once, at construction and again whenever the mod
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Type
 
 import torch
@@ -30,7 +31,7 @@ class UnavailableBackend(AttentionBackend):
     The module can still be built (e.g. on the CPU before ``.cuda()``); calling it raises the reasons."""
 
     def __init__(self, name: str, message: str):
-        self.name = name
+        self.name = f"{name} (unavailable)"
         self.description = "unavailable: " + message
         self.message = message
 
@@ -87,17 +88,22 @@ class _RegisterAttentionBase(nn.Module):
             return b
         return torch.empty(0)
 
+    def _resolve(self, request: AttentionRequest) -> BackendChoice:
+        try:
+            return resolve_backend(self.requested_backend, request)
+        except ValueError as err:
+            name = self.requested_backend or "auto"
+            return BackendChoice(UnavailableBackend(name, str(err)), f"unavailable: {err}")
+
     def _choose_backend(self) -> None:
         p = self._reference_param()
         dropout = float(self.attn_drop.p) > 0
         request = AttentionRequest(p.device.type, p.dtype, self.head_dim, frozenset(), False, dropout)
-        try:
-            choice = resolve_backend(self.requested_backend, request)
-        except ValueError as err:
-            name = self.requested_backend or "auto"
-            choice = BackendChoice(UnavailableBackend(name, str(err)), f"unavailable: {err}")
-        self._backend_choice = choice
-        self._attention_backend = choice.backend
+        self._backend_choice = self._resolve(request)
+        self._attention_backend = self._backend_choice.backend
+        # calls with an attn_mask use the first backend that supports masks (identical semantics)
+        self._masked_backend_choice = self._resolve(replace(request, has_mask=True))
+        self._masked_attention_backend = self._masked_backend_choice.backend
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -119,10 +125,16 @@ class _RegisterAttentionBase(nn.Module):
         self.requested_backend = backend
         self._choose_backend()
 
+    @property
+    def masked_backend_name(self) -> str:
+        """Name of the backend used for calls that pass an ``attn_mask``."""
+        return self._masked_backend_choice.name
+
     def _attend(self, q, k, v, attn_mask):
+        backend = self._attention_backend if attn_mask is None else self._masked_attention_backend
         return run_attention(
-            self._attention_backend, q, k, v, self.reg_k, self.reg_v, scale=self.scale, attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
+            backend, q, k, v, self.reg_k, self.reg_v, scale=self.scale, num_prefix=self.num_prefix_tokens,
+            attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
         )
 
     def extra_repr(self) -> str:

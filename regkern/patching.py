@@ -121,7 +121,10 @@ def explain(module_or_model: nn.Module) -> str:
     lines = []
     for name, module in module_or_model.named_modules():
         if isinstance(module, _RegisterAttentionBase):
-            lines.append(f"{name or '<root>'}: {type(module).__name__} -> {module.backend_name} ({module.backend_reason})")
+            line = f"{name or '<root>'}: {type(module).__name__} -> {module.backend_name} ({module.backend_reason})"
+            if module.masked_backend_name != module.backend_name:
+                line += f"; calls with attn_mask -> {module.masked_backend_name}"
+            lines.append(line)
     if not lines:
         return "no regkern attention modules (call regkern.patch_timm(model) first)"
     return "\n".join(lines)

@@ -272,3 +272,56 @@ def apply_rope(
     if num_prefix == 0:
         return x
     return torch.cat([t[:, :num_prefix], x], dim=1)
+
+
+def register_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reg_k: Optional[torch.Tensor],
+    reg_v: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+):
+    """Gradients of ``register_attention`` (no mask, no dropout), recomputing probabilities from the saved LSE.
+
+    Args:
+        dout: (B, N, H, d) gradient of out; q, k, v, reg_k, reg_v as in the forward; out (B, N, H, d) and
+            lse (B, H, N) as the forward returned them.
+
+    Returns:
+        dq, dk, dv (B, N, H, d) in the inputs' dtype and dreg_k, dreg_v in the registers' shape (summed over the
+        batch when the registers are shared) or None. Float32 math: p = exp(s - lse), delta = rowsum(dout * out),
+        ds = p * (dout v^T - delta), dq = scale ds k, dk = scale ds^T q, dv = p^T dout.
+    """
+    B, N, H, d = q.shape
+    cdtype = _compute_dtype(q.dtype)
+    qf, kf, vf = (_to_heads_first(t, cdtype) for t in (q, k, v))
+    R = 0
+    if reg_k is not None:
+        R = reg_k.shape[-3]
+        kf = torch.cat([_to_heads_first(_batched_registers(reg_k, B), cdtype), kf], dim=2)
+        vf = torch.cat([_to_heads_first(_batched_registers(reg_v, B), cdtype), vf], dim=2)
+    dof = _to_heads_first(dout, cdtype)
+    p = torch.exp(torch.matmul(qf, kf.transpose(-1, -2)) * scale - lse.to(cdtype).unsqueeze(-1))
+    delta = (dof * _to_heads_first(out, cdtype)).sum(-1, keepdim=True)
+    dv_all = torch.matmul(p.transpose(-1, -2), dof)
+    ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * scale
+    dk_all = torch.matmul(ds.transpose(-1, -2), qf) * scale
+
+    def tokens_last(t):  # (B, H, L, d) -> fresh contiguous (B, L, H, d) (never a view with a storage offset)
+        return t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).copy_(t.transpose(1, 2))
+
+    dq = tokens_last(dq).to(q.dtype)
+    dk = tokens_last(dk_all[:, :, R:]).to(k.dtype)
+    dv = tokens_last(dv_all[:, :, R:]).to(v.dtype)
+    if not R:
+        return dq, dk, dv, None, None
+    dreg_k, dreg_v = tokens_last(dk_all[:, :, :R]), tokens_last(dv_all[:, :, :R])
+    if reg_k.dim() == 3:
+        dreg_k, dreg_v = dreg_k.sum(0), dreg_v.sum(0)
+    return dq, dk, dv, dreg_k.to(reg_k.dtype), dreg_v.to(reg_v.dtype)

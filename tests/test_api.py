@@ -80,7 +80,8 @@ def test_auto_dispatch_and_reasons(qkv):
     with_stats = resolve_backend("auto", AttentionRequest.from_tensors(qkv[0], stats=("out_norm",)))
     assert with_stats.name == "reference"
     assert "torch" in with_stats.skipped and "statistics" in with_stats.skipped["torch"][0]
-    assert "skipped torch" in with_stats.reason
+    assert "skipped" in with_stats.reason and "torch: statistics" in with_stats.reason
+    assert plain.skipped["triton"] == ["auto uses it on cuda only (name it explicitly otherwise)"]
     for backend in regkern.BACKENDS.values():
         assert isinstance(backend.not_supported_reasons(AttentionRequest.from_tensors(qkv[0])), list)
 

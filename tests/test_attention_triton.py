@@ -1,0 +1,254 @@
+"""Triton register attention (forward, backward, ops, dispatch) against the reference.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (fp32 and fp16; the interpreter
+mis-computes bf16), with tiny B*H so the suite stays fast. Tolerance: kernel error <= 2x PyTorch's own error at the
+same precision against a float64 reference (3x for gradients).
+"""
+
+import math
+
+import pytest
+import torch
+
+import regkern
+from regkern import reference
+from tests.helpers import eager_attention, max_error, packed_qkv, registers
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_kernels = pytest.importorskip("regkern.attention_triton")
+if DEVICE == "cpu" and not triton_kernels.INTERPRETED:
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from regkern.attention_op import attention_bwd, attention_fwd  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def case_id(case):
+    B, N, H, d, R, P, shared, dt = case
+    return f"B{B}-N{N}-H{H}-D{d}-R{R}-P{P}-{'shared' if shared else 'perbatch'}-{dt}"
+
+
+# a covering set of N x d x R x P x registers x dtype (every value of each appears)
+FORWARD_CASES = [
+    (1, 1, 2, 64, 0, 0, True, "fp32"),
+    (2, 1, 1, 32, 4, 1, False, "fp16"),
+    (1, 2, 2, 72, 1, 1, True, "fp32"),
+    (2, 17, 1, 64, 4, 5, True, "fp16"),
+    (1, 17, 2, 128, 16, 0, False, "fp32"),
+    (1, 64, 1, 32, 16, 5, True, "fp32"),
+    (2, 64, 1, 72, 0, 1, True, "fp16"),
+    (1, 197, 1, 64, 1, 1, False, "fp32"),
+    (1, 197, 1, 128, 4, 0, True, "fp16"),
+    (1, 261, 1, 64, 4, 5, True, "fp16"),
+    (1, 261, 1, 72, 16, 5, False, "fp32"),
+]
+
+
+def float64_reference(q, k, v, reg_k, reg_v, scale=None):
+    to64 = (lambda t: None if t is None else t.double())
+    out, stats = reference.register_attention(to64(q), to64(k), to64(v), to64(reg_k), to64(reg_v), scale=scale,
+                                              return_stats=("lse",))
+    return out, stats.lse
+
+
+def own_error(q, k, v, reg_k, reg_v, ref):
+    """PyTorch's error at the inputs' precision (eager attention), floored at a few units of float32 rounding."""
+    return max(max_error(eager_attention(q, k, v, reg_k, reg_v), ref), 4 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=case_id)
+def test_forward_matches_reference(case):
+    B, N, H, d, R, P, shared, dt = case
+    dtype = DTYPES[dt]
+    q, k, v = packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=N * 7 + d)
+    reg_k, reg_v = registers(B, R, H, d, shared, dtype=dtype, device=DEVICE, seed=R + 3)
+    assert q.stride(1) == 3 * H * d  # strided views of a packed qkv tensor
+    out = torch.full((B, N, H, d), float("nan"), dtype=dtype, device=DEVICE)
+    lse = torch.full((B, H, N), float("nan"), dtype=torch.float32, device=DEVICE)
+    triton_kernels.attention_forward(q, k, v, reg_k, reg_v, d**-0.5, P, out=out, lse=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    ref_out, ref_lse = float64_reference(q, k, v, reg_k, reg_v)
+    assert max_error(out, ref_out) <= 2 * own_error(q, k, v, reg_k, reg_v, ref_out)
+    assert max_error(lse, ref_lse) <= 1e-5 * max(1.0, ref_lse.abs().max().item())
+
+
+BACKWARD_CASES = [
+    (1, 1, 2, 32, 1, 1, True, "fp32"),
+    (2, 17, 1, 64, 4, 5, True, "fp32"),
+    (1, 17, 2, 72, 16, 0, False, "fp16"),
+    (2, 64, 1, 128, 0, 1, True, "fp32"),
+    (1, 197, 1, 64, 4, 5, False, "fp32"),
+    (1, 261, 1, 64, 4, 5, True, "fp16"),
+]
+
+
+def naive_float64_grads(q, k, v, reg_k, reg_v, grad_out, scale):
+    """Autograd of the textbook formula in float64: an independent oracle for every gradient."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    regs = [None if t is None else t.detach().double().requires_grad_() for t in (reg_k, reg_v)]
+    B = q.shape[0]
+    keys, vals = leaves[1], leaves[2]
+    if regs[0] is not None:
+        expand = (lambda r: r.unsqueeze(0).expand(B, -1, -1, -1)) if regs[0].dim() == 3 else (lambda r: r)
+        keys, vals = torch.cat([expand(regs[0]), keys], 1), torch.cat([expand(regs[1]), vals], 1)
+    p = torch.softmax(leaves[0].transpose(1, 2) @ keys.permute(0, 2, 3, 1) * scale, dim=-1)
+    out = (p @ vals.transpose(1, 2)).transpose(1, 2)
+    inputs = leaves + [r for r in regs if r is not None]
+    return torch.autograd.grad(out, inputs, grad_out.double())
+
+
+def eager_grads(q, k, v, reg_k, reg_v, grad_out):
+    """PyTorch's own gradients at the inputs' precision (autograd of eager attention)."""
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v) + ((reg_k, reg_v) if reg_k is not None else ())]
+    regs = inputs[3:] if reg_k is not None else (None, None)
+    out = eager_attention(*inputs[:3], *regs)
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=case_id)
+def test_backward_matches_reference(case):
+    B, N, H, d, R, P, shared, dt = case
+    dtype = DTYPES[dt]
+    scale = d**-0.5
+    q, k, v = packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=N + d)
+    reg_k, reg_v = registers(B, R, H, d, shared, dtype=dtype, device=DEVICE, seed=R)
+    grad_out = torch.randn(B, N, H, d, generator=torch.Generator().manual_seed(N)).to(DEVICE, dtype)
+    out, lse = triton_kernels.attention_forward(q, k, v, reg_k, reg_v, scale, P)
+    nan = float("nan")
+    buffers = tuple(torch.full((B, N, H, d), nan, dtype=dtype, device=DEVICE) for _ in range(3)) + tuple(
+        torch.full((B, max(R, 1), H, d), nan, dtype=torch.float32, device=DEVICE) for _ in range(2))
+    grads = triton_kernels.attention_backward(grad_out, q, k, v, reg_k, reg_v, out, lse, scale, P,
+                                              grad_buffers=buffers)
+    grads = [g for g in grads if g is not None]
+    want = naive_float64_grads(q, k, v, reg_k, reg_v, grad_out, scale)
+    own = eager_grads(q, k, v, reg_k, reg_v, grad_out)
+    names = ["dq", "dk", "dv", "dreg_k", "dreg_v"]
+    for name, g, w, o in zip(names, grads, want, own):
+        assert g.shape == w.shape, name
+        assert not g.isnan().any(), name
+        bound = 3 * max(max_error(o, w), 4 * torch.finfo(torch.float32).eps * max(1.0, w.abs().max().item()))
+        assert max_error(g, w) <= bound, (name, max_error(g, w), bound)
+
+
+def test_autograd_through_the_op_and_registers_shared_gradient_is_batch_sum():
+    B, N, H, d, R = 2, 17, 2, 32, 4
+    q, k, v = (t.clone().requires_grad_() for t in packed_qkv(B, N, H, d, device=DEVICE, seed=9))
+    reg_k, reg_v = (t.requires_grad_() for t in registers(B, R, H, d, True, device=DEVICE))
+    out = regkern.register_attention(q, k, v, reg_k, reg_v, num_prefix=5, backend="triton")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, reg_k, reg_v), g)
+    ref = regkern.register_attention(q, k, v, reg_k, reg_v, backend="reference")
+    want = torch.autograd.grad(ref, (q, k, v, reg_k, reg_v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_lse_statistic_and_unsupported_stats():
+    q, k, v = packed_qkv(1, 17, 2, 32, device=DEVICE)
+    out, stats = regkern.register_attention(q, k, v, return_stats=("lse",), backend="triton")
+    _, ref = regkern.register_attention(q, k, v, return_stats=("lse",), backend="reference")
+    torch.testing.assert_close(stats.lse, ref.lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend 'triton'.*out_norm"):
+        regkern.register_attention(q, k, v, return_stats=("out_norm",), backend="triton")
+    with pytest.raises(ValueError, match="attn_mask is not supported"):
+        regkern.register_attention(q, k, v, attn_mask=torch.ones(17, 17, dtype=torch.bool, device=DEVICE),
+                                   backend="triton")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck(impl):
+    B, N, H, d, R = 1, 5, 1, 16, 2
+    q, k, v = (t.clone().requires_grad_() for t in packed_qkv(B, N, H, d, device=DEVICE))
+    reg_k, reg_v = (t.requires_grad_() for t in registers(B, R, H, d, True, device=DEVICE))
+    args = (q, k, v, reg_k, reg_v, d**-0.5, 1, impl)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(attention_fwd, args, test_utils=tests)
+    out, lse = attention_fwd(*args)
+    torch.library.opcheck(
+        attention_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), reg_k.detach(), reg_v.detach(),
+                        out.detach(), lse, d**-0.5, 1, impl), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(attention_fwd, (q, k, v, None, None, d**-0.5, 0, impl), test_utils=tests)
+
+
+@pytest.mark.parametrize("module_kind", ["vit-qknorm", "eva-rope-half", "eva-rope-interleaved"])
+def test_modules_with_qk_norm_and_rope_on_triton(module_kind):
+    timm = pytest.importorskip("timm")
+    from timm.models.eva import EvaAttention
+
+    torch.manual_seed(0)
+    dim, H, N, P = 64, 2, 13, 5
+    if module_kind == "vit-qknorm":
+        ref = timm.layers.Attention(dim, H, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm)
+        ours = regkern.RegisterViTAttention.from_timm(ref, num_prefix_tokens=P, backend="triton")
+        extra = {}
+    else:
+        ref = EvaAttention(dim, H, num_prefix_tokens=P, rotate_half=module_kind.endswith("half"), qk_norm=True,
+                           norm_layer=torch.nn.LayerNorm)
+        with torch.no_grad():
+            ref.q_bias.normal_()
+            ref.v_bias.normal_()
+        ours = regkern.RegisterEvaAttention.from_timm(ref, backend="triton")
+        extra = {"rope": torch.randn(N - P, 2 * dim // H)}
+    assert ours.backend_name == "triton"
+    ref, ours = ref.to(DEVICE), ours.to(DEVICE)
+    extra = {key: t.to(DEVICE) for key, t in extra.items()}
+    x = torch.randn(2, N, dim, device=DEVICE, requires_grad=True)
+    want = ref(x, **extra)
+    got = ours(x, **extra)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(got)
+    params = [p for p in ref.parameters()]
+    want_grads = torch.autograd.grad(want, [x] + params, g)
+    got_grads = torch.autograd.grad(got, [x] + params, g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+def test_torch_compile_fullgraph_of_patched_block():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    attn = timm.layers.Attention(64, 2, qkv_bias=True)
+    module = regkern.RegisterViTAttention.from_timm(attn, num_prefix_tokens=1, num_kv_registers=2, backend="triton")
+    module = module.to(DEVICE)
+    x = torch.randn(2, 9, 64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    eager_out = module(x)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, module.reg_k, module.qkv.weight], g)
+    want = torch.autograd.grad(eager_out, [x, module.reg_k, module.qkv.weight], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_never_picks_the_interpreter_but_explicit_triton_works_on_cpu():
+    if DEVICE != "cpu":
+        pytest.skip("CPU-only dispatch rule")
+    module = regkern.RegisterViTAttention(64, 2)
+    assert module.backend_name == "torch" and "auto uses it on cuda only" in module.backend_reason
+    module.set_backend("triton")
+    assert module.backend_name == "triton"
+    assert "triton" in regkern.explain(module)
+    # explicitly named: calls with a mask are refused (no silent switch), and explain says so
+    assert module.masked_backend_name == "triton (unavailable)"
+    assert "calls with attn_mask -> triton (unavailable)" in regkern.explain(module)
+    x = torch.randn(1, 5, 64)
+    with pytest.raises(RuntimeError, match="attn_mask is not supported"):
+        module(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    got = module(x)
+    module.set_backend("torch")
+    torch.testing.assert_close(got, module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_masked_calls_use_a_mask_capable_backend():
+    module = regkern.RegisterViTAttention(64, 2)
+    assert module.masked_backend_name == "torch"
+    x = torch.randn(1, 5, 64)
+    mask = torch.ones(5, 5, dtype=torch.bool)
+    torch.testing.assert_close(module(x, attn_mask=mask), module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lse_natural_log_constant():
+    assert abs(triton_kernels.LN2 - math.log(2)) < 1e-15 and abs(triton_kernels.LOG2E - 1 / math.log(2)) < 1e-15
