@@ -1,12 +1,19 @@
 """torch.library ops of fused register attention, with fake (meta) implementations and registered autograd.
 
-    regkern::attention_fwd(q, k, v, reg_k?, reg_v?, scale, num_prefix, impl) -> (out, lse)
-    regkern::attention_bwd(dout, q, k, v, reg_k?, reg_v?, out, lse, scale, num_prefix, impl)
-        -> (dq, dk, dv, dreg_k, dreg_v)          dreg_* are empty (0,) tensors when there are no registers
+    regkern::attention_fwd(q, k, v, reg_k?, reg_v?, q_norm_weight?, q_norm_bias?, k_norm_weight?, k_norm_bias?,
+                           rope?, scale, num_prefix, qk_norm, norm_eps, rotate_half, impl) -> (out, lse)
+    regkern::attention_bwd(dout, <the forward's tensors>, out, lse, <the forward's scalars>)
+        -> (dq, dk, dv, dreg_k, dreg_v, dq_norm_weight, dq_norm_bias, dk_norm_weight, dk_norm_bias)
 
-``impl`` is "triton" (the Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "reference"
-(the float32 PyTorch reference, any device: what ``torch.library.opcheck`` exercises on the CPU). Being opaque ops
-with fake implementations, they compose with ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
+Optional gradients come back as empty (0,) tensors when their input is absent (ops cannot return None).
+
+The prologue (timm's ``qk_norm`` LayerNorm over d, then RoPE on tokens >= num_prefix; ``reference.qk_prologue``)
+is fused into the Triton forward's Q/K tile loads. The backward recomputes the transformed q, k in PyTorch, runs the
+attention backward on them and applies ``reference.qk_prologue_backward``.
+
+``impl`` is "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "reference" (float32 PyTorch, any
+device: what ``torch.library.opcheck`` exercises on the CPU). Being opaque ops with fake implementations, they
+compose with ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -31,20 +38,29 @@ def _check_impl(impl: str) -> None:
 @torch.library.custom_op("regkern::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, reg_k: Optional[Tensor], reg_v: Optional[Tensor],
-    scale: float, num_prefix: int, impl: str,
+    q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor],
+    k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor], rope: Optional[Tensor],
+    scale: float, num_prefix: int, qk_norm: bool, norm_eps: float, rotate_half: bool, impl: str,
 ) -> Tuple[Tensor, Tensor]:
     """out (B, N, H, d) contiguous in q's dtype and lse (B, H, N) float32; see ``regkern.register_attention``."""
     _check_impl(impl)
     if impl == "triton":
         from .attention_triton import attention_forward
 
-        return attention_forward(q, k, v, reg_k, reg_v, scale, num_prefix)
+        return attention_forward(
+            q, k, v, reg_k, reg_v, scale, num_prefix, qk_norm=qk_norm, q_norm_weight=q_norm_weight,
+            q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, norm_eps=norm_eps,
+            rope=rope, rotate_half=rotate_half,
+        )
+    q = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
+    k = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
     out, stats = reference.register_attention(q, k, v, reg_k, reg_v, scale=scale, return_stats=("lse",))
     return out, stats.lse
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, reg_k, reg_v, scale, num_prefix, impl):
+def _attention_fwd_fake(q, k, v, reg_k, reg_v, qnw, qnb, knw, knb, rope, scale, num_prefix, qk_norm, norm_eps,
+                        rotate_half, impl):
     B, N, H, d = q.shape
     return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -52,44 +68,63 @@ def _attention_fwd_fake(q, k, v, reg_k, reg_v, scale, num_prefix, impl):
 @torch.library.custom_op("regkern::attention_bwd", mutates_args=())
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, reg_k: Optional[Tensor], reg_v: Optional[Tensor],
-    out: Tensor, lse: Tensor, scale: float, num_prefix: int, impl: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (B, N, H, d) and dreg_k, dreg_v (reg_k's shape, summed over the batch when shared; (0,) if none)."""
+    q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor],
+    k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor], rope: Optional[Tensor],
+    out: Tensor, lse: Tensor,
+    scale: float, num_prefix: int, qk_norm: bool, norm_eps: float, rotate_half: bool, impl: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``attention_fwd`` for every tensor input (reg grads summed over the batch when shared)."""
     _check_impl(impl)
+    prologue = qk_norm or rope is not None
+    qp, kp = q, k
+    if prologue:  # recompute what the forward fused into its loads
+        qp = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
+        kp = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
     if impl == "triton":
         from .attention_triton import attention_backward
 
-        grads = attention_backward(dout, q, k, v, reg_k, reg_v, out, lse, scale, num_prefix)
+        grads = attention_backward(dout, qp, kp, v, reg_k, reg_v, out, lse, scale, num_prefix)
     else:
-        grads = reference.register_attention_backward(dout, q, k, v, reg_k, reg_v, out, lse, scale=scale)
+        grads = reference.register_attention_backward(dout, qp, kp, v, reg_k, reg_v, out, lse, scale=scale)
     dq, dk, dv, drk, drv = grads
-    if drk is None:
-        drk, drv = q.new_empty((0,)), q.new_empty((0,))
-    return dq, dk, dv, drk, drv
+    dqw = dqb = dkw = dkb = None
+    if prologue:
+        dq, dqw, dqb = reference.qk_prologue_backward(dq, q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope,
+                                                      num_prefix, rotate_half)
+        dk, dkw, dkb = reference.qk_prologue_backward(dk, k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope,
+                                                      num_prefix, rotate_half)
+    # a fresh empty tensor per absent gradient: op outputs may not alias each other
+    return tuple(q.new_empty((0,)) if g is None else g for g in (dq, dk, dv, drk, drv, dqw, dqb, dkw, dkb))
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, reg_k, reg_v, out, lse, scale, num_prefix, impl):
-    grads = [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)]
-    if reg_k is None:
-        return (*grads, q.new_empty((0,)), q.new_empty((0,)))
-    return (*grads, reg_k.new_empty(reg_k.shape), reg_v.new_empty(reg_v.shape))
+def _attention_bwd_fake(dout, q, k, v, reg_k, reg_v, qnw, qnb, knw, knb, rope, out, lse, scale, num_prefix,
+                        qk_norm, norm_eps, rotate_half, impl):
+    def like(t):
+        return q.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return (like(q), like(q), like(q), like(reg_k), like(reg_v), like(qnw if qk_norm else None),
+            like(qnb if qk_norm else None), like(knw if qk_norm else None), like(knb if qk_norm else None))
+
+
+_TENSOR_INPUTS = 10  # q, k, v, reg_k, reg_v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, rope
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, reg_k, reg_v, scale, num_prefix, impl = inputs
+    tensors = inputs[:_TENSOR_INPUTS]
+    ctx.scalars = inputs[_TENSOR_INPUTS:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, reg_k, reg_v, out, lse)
-    ctx.scale, ctx.num_prefix, ctx.impl = scale, num_prefix, impl
+    ctx.save_for_backward(*tensors, out, lse)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, reg_k, reg_v, out, lse = ctx.saved_tensors
-    dq, dk, dv, drk, drv = attention_bwd(dout, q, k, v, reg_k, reg_v, out, lse, ctx.scale, ctx.num_prefix, ctx.impl)
-    if reg_k is None:
-        drk = drv = None
-    return dq, dk, dv, drk, drv, None, None, None
+    saved = ctx.saved_tensors
+    tensors, out, lse = saved[:_TENSOR_INPUTS], saved[_TENSOR_INPUTS], saved[_TENSOR_INPUTS + 1]
+    grads = attention_bwd(dout, *tensors, out, lse, *ctx.scalars)
+    # optional inputs that were None get None; rope gets no gradient (a fixed table)
+    result = [None if t is None else g for t, g in zip(tensors[:9], grads)]
+    return (*result, None) + (None,) * len(ctx.scalars)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -33,12 +33,65 @@ def _load_rows(base, rows, row_stride, offs_d, row_mask, d_mask):
 
 
 @triton.jit
+def _load_qk(base, rows, row_stride, offs_d, row_mask, d_mask, HEAD_DIM, NW, NB, eps, rope_base, rope_stride_m, P,
+             QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr):
+    # Q or K tile with timm's prologue fused into the load: per-head LayerNorm over d (qk_norm), then RoPE on
+    # tokens >= P. Each step is rounded to the input dtype as timm rounds it; padded rows/columns are 0.
+    mask = row_mask[:, None] & d_mask[None, :]
+    x = tl.load(base + rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
+    if QK_NORM or USE_ROPE:
+        if ROTATE_HALF:
+            half = HEAD_DIM // 2
+            partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+            sign = tl.where(offs_d < half, -1.0, 1.0)
+        else:
+            partner = offs_d ^ 1
+            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+        y = x.to(tl.float32)
+        if USE_ROPE:  # the rotation partners, loaded as a second tile
+            yp = tl.load(base + rows[:, None] * row_stride + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if QK_NORM:
+            mean = tl.sum(y, axis=1) / HEAD_DIM
+            yc = tl.where(mask, y - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / HEAD_DIM + eps)
+            w = tl.load(NW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            b = tl.load(NB + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            y = (yc * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype).to(tl.float32)
+            if USE_ROPE:
+                wp = tl.load(NW + partner, mask=d_mask, other=0.0).to(tl.float32)
+                bp = tl.load(NB + partner, mask=d_mask, other=0.0).to(tl.float32)
+                ypc = tl.where(mask, yp - mean[:, None], 0.0)
+                yp = (ypc * rstd[:, None] * wp[None, :] + bp[None, :]).to(x.dtype).to(tl.float32)
+        if USE_ROPE:
+            t = rows - P
+            rmask = (row_mask & (rows >= P))[:, None] & d_mask[None, :]
+            table = rope_base + t[:, None] * rope_stride_m + offs_d[None, :]
+            sin = tl.load(table, mask=rmask, other=0.0).to(tl.float32)
+            cos = tl.load(table + HEAD_DIM, mask=rmask, other=1.0).to(tl.float32)
+            y = y * cos + sign[None, :] * yp * sin
+        x = tl.where(mask, y, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _load_small_segment(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, P):
     # keys [R registers from their own buffer, P prefix tokens from K] as one tile; rows >= R + P are 0
     is_reg = offs_s < R
     is_pre = (offs_s >= R) & (offs_s < R + P)
     reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
     pre = _load_rows(K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask)
+    return reg + pre
+
+
+@triton.jit
+def _load_small_segment_keys(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, P, HEAD_DIM,
+                             NW, NB, eps, QK_NORM: tl.constexpr):
+    # as _load_small_segment, with k_norm applied to the prefix keys (registers are raw keys; prefix gets no RoPE)
+    is_reg = offs_s < R
+    is_pre = (offs_s >= R) & (offs_s < R + P)
+    reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
+    pre = _load_qk(K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask, HEAD_DIM, NW, NB, eps, K, 0, P,
+                   QK_NORM, False, False)
     return reg + pre
 
 
@@ -57,14 +110,17 @@ def _online_softmax_step(s, m_i, l_i, acc, v, valid_cols):
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, RK, RV, O, LSE,
+    QNW, QNB, KNW, KNB, ROPE,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_rkb, stride_rkr, stride_rkh,
     stride_rvb, stride_rvr, stride_rvh,
-    H, N, R, P, HEAD_DIM, qk_scale_log2,
+    stride_ropeb, stride_ropeh, stride_ropem,
+    H, N, R, P, HEAD_DIM, qk_scale_log2, norm_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SMALL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -75,7 +131,9 @@ def _attn_fwd_kernel(
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < N
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, m_mask, d_mask)
+    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
+    q = _load_qk(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, m_mask, d_mask, HEAD_DIM,
+                 QNW, QNB, norm_eps, rope_base, stride_ropem, P, QK_NORM, USE_ROPE, ROTATE_HALF)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -84,8 +142,8 @@ def _attn_fwd_kernel(
         offs_s = tl.arange(0, BLOCK_S)
         k_base = b * stride_kb + h * stride_kh
         v_base = b * stride_vb + h * stride_vh
-        ks = _load_small_segment(K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr,
-                                 offs_s, offs_d, d_mask, R, P)
+        ks = _load_small_segment_keys(K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr,
+                                      offs_s, offs_d, d_mask, R, P, HEAD_DIM, KNW, KNB, norm_eps, QK_NORM)
         vs = _load_small_segment(V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr,
                                  offs_s, offs_d, d_mask, R, P)
         s = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
@@ -96,7 +154,8 @@ def _attn_fwd_kernel(
     for start in range(P, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        k = _load_rows(k_ptr, offs_n, stride_kn, offs_d, n_mask, d_mask)
+        k = _load_qk(k_ptr, offs_n, stride_kn, offs_d, n_mask, d_mask, HEAD_DIM, KNW, KNB, norm_eps,
+                     rope_base, stride_ropem, P, QK_NORM, USE_ROPE, ROTATE_HALF)
         v = _load_rows(v_ptr, offs_n, stride_vn, offs_d, n_mask, d_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, n_mask)
@@ -249,14 +308,19 @@ def _pow2_at_least(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(x), 1)))
 
 
-def _config(d: int, dtype: torch.dtype, device_type: str) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT shapes are few."""
+def _config(N: int, d: int, dtype: torch.dtype, device_type: str) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT shapes are few.
+
+    BLOCK_M is 128 unless 64 pads the queries much less (N = 261: 320 rows instead of 384)."""
     if device_type != "cuda":
         return 16, 16, 1  # interpreter: small tiles keep CPU tests fast
-    big_d = d > 64
     if dtype == torch.float32:
         return 64, 32, 4
-    return (128, 64, 8) if not big_d else (128, 32, 8)
+    block_n = 64 if d <= 64 else 32
+    padded = {bm: triton.cdiv(N, bm) * bm for bm in (64, 128)}
+    if padded[128] > 1.1 * padded[64]:
+        return 64, block_n, 4
+    return 128, block_n, 8
 
 
 def _registers_view(reg: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
@@ -279,33 +343,76 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _rope_view(rope: Optional[torch.Tensor], B: int, H: int, num_prefix: int, like: torch.Tensor):
+    """timm RoPE table broadcastable to (B, H, M, 2d) -> (tensor, (stride_b, stride_h, stride_m)), 0 for broadcast."""
+    if rope is None:
+        return like, (0, 0, 0)
+    d2 = 2 * like.shape[-1]
+    M = like.shape[1] - num_prefix
+    lead = tuple(rope.shape[:-2])
+    if rope.dim() < 2 or rope.dim() > 4 or tuple(rope.shape[-2:]) != (M, d2) or not all(
+        s in (1, t) for s, t in zip(lead[::-1], (B, H)[::-1])
+    ):
+        raise ValueError(f"rope: expected a [sin, cos] table broadcastable to (B, H, N - num_prefix, 2 * d) = "
+                         f"({B}, {H}, {M}, {d2}), got {tuple(rope.shape)}")
+    if rope.device != like.device:
+        raise ValueError(f"rope: expected the device of q ({like.device}), got {rope.device}")
+    r = rope if rope.stride(-1) == 1 else rope.contiguous()
+    while r.dim() < 4:
+        r = r.unsqueeze(0)
+    r = r.expand(B, H, r.shape[2], r.shape[3])
+    return r, (r.stride(0), r.stride(1), r.stride(2))
+
+
+def _norm_params(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], d: int, like: torch.Tensor):
+    # LayerNorm affine parameters as (d,) tensors; ones/zeros when absent
+    w = weight if weight is not None else torch.ones(d, dtype=torch.float32, device=like.device)
+    b = bias if bias is not None else torch.zeros(d, dtype=torch.float32, device=like.device)
+    return w.contiguous(), b.contiguous()
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     reg_k: Optional[torch.Tensor], reg_v: Optional[torch.Tensor],
     scale: float, num_prefix: int,
     out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+    *,
+    qk_norm: bool = False,
+    q_norm_weight: Optional[torch.Tensor] = None, q_norm_bias: Optional[torch.Tensor] = None,
+    k_norm_weight: Optional[torch.Tensor] = None, k_norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    rope: Optional[torch.Tensor] = None, rotate_half: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns out (B, N, H, d) contiguous and lse (B, H, N) float32, written into the
-    given buffers when passed (tests pre-fill them with NaN so unwritten elements show)."""
+    given buffers when passed (tests pre-fill them with NaN so unwritten elements show).
+
+    With ``qk_norm`` and/or ``rope`` the kernel applies ``reference.qk_prologue`` to Q and K tiles as it loads them
+    (per-head LayerNorm over d with the given affine parameters, then RoPE on tokens >= num_prefix); registers are
+    raw keys and get neither. The lse is that of the attention over the transformed q, k."""
     q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
     B, N, H, d = q.shape
     R = 0 if reg_k is None else reg_k.shape[-3]
     P = num_prefix
     rk, srk = _registers_view(reg_k, k)
     rv, srv = _registers_view(reg_v, v)
+    qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
+    knw, knb = _norm_params(k_norm_weight, k_norm_bias, d, q)
+    rope_t, srope = _rope_view(rope, B, H, P, q)
     out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if lse is None else lse
-    BLOCK_M, BLOCK_N, num_warps = _config(d, q.dtype, q.device.type)
+    BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
     grid = (triton.cdiv(N, BLOCK_M), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, rk, rv, out, lse,
+        qnw, qnb, knw, knb, rope_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *srk, *srv,
-        H, N, R, P, d, scale * LOG2E,
+        *srk, *srv, *srope,
+        H, N, R, P, d, scale * LOG2E, norm_eps,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_S=_pow2_at_least(R + P), BLOCK_D=_pow2_at_least(d),
-        HAS_SMALL=(R + P) > 0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps,
+        HAS_SMALL=(R + P) > 0, DOT_PRECISION=_dot_precision(q.dtype),
+        QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half), num_warps=num_warps,
     )
     return out, lse
 
@@ -334,7 +441,7 @@ def attention_backward(
         drv = torch.empty_like(drk)
     else:
         dq, dk, dv, drk, drv = grad_buffers
-    BLOCK_M, BLOCK_N, num_warps = _config(d, q.dtype, q.device.type)
+    BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
     BLOCK_D = _pow2_at_least(d)
     BLOCK_S = _pow2_at_least(R + P)
     common = dict(DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps)

@@ -59,6 +59,8 @@ class AttentionBackend:
     description: str = ""
     #: device types ``"auto"`` may pick this backend for (None: any the backend supports)
     auto_device_types: Optional[Tuple[str, ...]] = None
+    #: whether ``attention_with_prologue`` (qk_norm + RoPE fused into the kernel) is available
+    fuses_qk_prologue: bool = False
 
     def not_supported_reasons(self, request: AttentionRequest) -> List[str]:
         """Reasons, in words, why this backend cannot serve ``request``; empty when it can."""
@@ -144,10 +146,29 @@ class TritonBackend(AttentionBackend):
             reasons.append("attention dropout is not supported by the fused kernel")
         return reasons
 
+    #: this backend can apply timm's qk_norm (LayerNorm) and RoPE while loading Q/K tiles
+    fuses_qk_prologue = True
+
+    def attention_with_prologue(self, q, k, v, reg_k, reg_v, *, scale, num_prefix, q_norm, k_norm, norm_eps,
+                                rope, rotate_half):
+        """Attention over ``reference.qk_prologue``-transformed q and k, the prologue fused into the kernel.
+
+        q_norm, k_norm: (weight, bias) pairs (either may be None) or None when qk_norm is off."""
+        from .attention_op import attention_fwd
+
+        qk_norm = q_norm is not None
+        qw, qb = q_norm if qk_norm else (None, None)
+        kw, kb = k_norm if qk_norm else (None, None)
+        out, _ = attention_fwd(q, k, v, reg_k, reg_v, qw, qb, kw, kb, rope, scale, num_prefix, qk_norm,
+                               float(norm_eps), bool(rotate_half), "triton")
+        return out
+
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
         from .attention_op import attention_fwd
 
-        out, lse = attention_fwd(q, k, v, reg_k, reg_v, scale, num_prefix, "triton")
+        out, lse = attention_fwd(
+            q, k, v, reg_k, reg_v, None, None, None, None, None, scale, num_prefix, False, 0.0, False, "triton"
+        )
         return (out, reference.AttentionStats({"lse": lse})) if return_stats else out
 
 

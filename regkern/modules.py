@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import run_attention
+from .attention import check_attention_inputs, run_attention
 from .backends import AttentionBackend, AttentionRequest, BackendChoice, resolve_backend
 from .reference import apply_rope
 
@@ -52,6 +52,9 @@ class _RegisterAttentionBase(nn.Module):
 
     num_heads: int
     head_dim: int
+    #: RoPE layout of the module (Eva); plain ViT attention has no RoPE
+    uses_rope: bool = False
+    rotate_half: bool = False
 
     def _setup_registers_and_backend(
         self, num_kv_registers: int, num_prefix_tokens: int, backend: Optional[str], device=None, dtype=None
@@ -104,6 +107,20 @@ class _RegisterAttentionBase(nn.Module):
         # calls with an attn_mask use the first backend that supports masks (identical semantics)
         self._masked_backend_choice = self._resolve(replace(request, has_mask=True))
         self._masked_attention_backend = self._masked_backend_choice.backend
+        self._fuse_prologue, self.prologue_reason = self._prologue_fusion()
+
+    def _prologue_fusion(self):
+        """Whether q_norm/k_norm and RoPE run inside the kernel, and why (not)."""
+        if not getattr(self._attention_backend, "fuses_qk_prologue", False):
+            return False, f"backend {self.backend_name!r} runs q_norm/k_norm/RoPE as separate PyTorch ops"
+        norms = (self.q_norm, self.k_norm)
+        rope = " and RoPE" if self.uses_rope else ""
+        if all(isinstance(n, nn.Identity) for n in norms):
+            return True, f"no q_norm/k_norm{rope} fused into the kernel's Q/K loads" if rope else "no q_norm/k_norm"
+        if all(_is_plain_layer_norm(n, self.head_dim) for n in norms) and self.q_norm.eps == self.k_norm.eps:
+            return True, f"q_norm/k_norm (LayerNorm){rope} fused into the kernel's Q/K loads"
+        return False, (f"q_norm/k_norm of type {type(self.q_norm).__name__} cannot be fused; "
+                       "they run as separate PyTorch ops")
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -130,11 +147,28 @@ class _RegisterAttentionBase(nn.Module):
         """Name of the backend used for calls that pass an ``attn_mask``."""
         return self._masked_backend_choice.name
 
-    def _attend(self, q, k, v, attn_mask):
+    def _attend(self, q, k, v, attn_mask, rope=None):
+        """q, k, v (B, N, H, d) straight from the projection -> out (B, N, H, d): q_norm/k_norm and RoPE (on tokens
+        >= num_prefix_tokens), then register attention; the first two fused into the kernel when it can."""
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if attn_mask is None and self._fuse_prologue:
+            check_attention_inputs(q, k, v, self.reg_k, self.reg_v, self.scale, (), self.num_prefix_tokens, None,
+                                   dropout_p)
+            qk_norm = not isinstance(self.q_norm, nn.Identity)
+            return self._attention_backend.attention_with_prologue(
+                q, k, v, self.reg_k, self.reg_v, scale=self.scale, num_prefix=self.num_prefix_tokens,
+                q_norm=(self.q_norm.weight, self.q_norm.bias) if qk_norm else None,
+                k_norm=(self.k_norm.weight, self.k_norm.bias) if qk_norm else None,
+                norm_eps=self.q_norm.eps if qk_norm else 0.0, rope=rope, rotate_half=self.rotate_half,
+            )
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
+            k = apply_rope(k, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
         backend = self._attention_backend if attn_mask is None else self._masked_attention_backend
         return run_attention(
             backend, q, k, v, self.reg_k, self.reg_v, scale=self.scale, num_prefix=self.num_prefix_tokens,
-            attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
+            attn_mask=attn_mask, dropout_p=dropout_p,
         )
 
     def extra_repr(self) -> str:
@@ -142,6 +176,14 @@ class _RegisterAttentionBase(nn.Module):
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_prefix_tokens={self.num_prefix_tokens}, "
             f"num_kv_registers={self.num_kv_registers}, backend={self.backend_name!r}"
         )
+
+
+def _is_plain_layer_norm(module: nn.Module, size: int) -> bool:
+    # torch's LayerNorm or timm's (same math) over the head dim; subclasses with other forwards are not fused
+    plain = type(module) is nn.LayerNorm or (
+        type(module).__name__ == "LayerNorm" and type(module).__module__.startswith("timm.layers")
+    )
+    return plain and tuple(module.normalized_shape) == (size,)
 
 
 def _norm_or_identity(enabled: bool, norm_layer, size: int, dd) -> nn.Module:
@@ -243,7 +285,6 @@ class RegisterViTAttention(_RegisterAttentionBase):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)
         attn_mask = _causal_mask(attn_mask, is_causal, N, x.device)
         x = self._attend(q, k, v, attn_mask).view(B, N, self.attn_dim)
         x = self.norm(x)
@@ -261,6 +302,8 @@ class RegisterEvaAttention(_RegisterAttentionBase):
     regkern-only options as in ``RegisterViTAttention``. x (B, N, dim) -> (B, N, dim); ``rope`` is timm's
     concatenated [sin, cos] table broadcastable to (B, H, N - num_prefix_tokens, 2 * head_dim).
     """
+
+    uses_rope = True
 
     def __init__(
         self,
@@ -385,13 +428,8 @@ class RegisterEvaAttention(_RegisterAttentionBase):
             q = self.q_proj(x).reshape(B, N, H, self.head_dim)
             k = self.k_proj(x).reshape(B, N, H, self.head_dim)
             v = self.v_proj(x).reshape(B, N, H, self.head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            npt = self.num_prefix_tokens
-            q = apply_rope(q, rope, npt, rotate_half=self.rotate_half).type_as(v)
-            k = apply_rope(k, rope, npt, rotate_half=self.rotate_half).type_as(v)
         attn_mask = _causal_mask(attn_mask, is_causal, N, x.device)
-        x = self._attend(q, k, v, attn_mask).view(B, N, self.attn_dim)
+        x = self._attend(q, k, v, attn_mask, rope).view(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate

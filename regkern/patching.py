@@ -122,6 +122,8 @@ def explain(module_or_model: nn.Module) -> str:
     for name, module in module_or_model.named_modules():
         if isinstance(module, _RegisterAttentionBase):
             line = f"{name or '<root>'}: {type(module).__name__} -> {module.backend_name} ({module.backend_reason})"
+            if module.prologue_reason:
+                line += f"; {module.prologue_reason}"
             if module.masked_backend_name != module.backend_name:
                 line += f"; calls with attn_mask -> {module.masked_backend_name}"
             lines.append(line)

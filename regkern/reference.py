@@ -325,3 +325,68 @@ def register_attention_backward(
     if reg_k.dim() == 3:
         dreg_k, dreg_v = dreg_k.sum(0), dreg_v.sum(0)
     return dq, dk, dv, dreg_k.to(reg_k.dtype), dreg_v.to(reg_v.dtype)
+
+
+def _rotate(x: torch.Tensor, rotate_half: bool) -> torch.Tensor:
+    # the 90-degree pair rotation of RoPE; it is skew-symmetric: rotate(.)^T = -rotate(.)
+    if rotate_half:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+
+
+def qk_prologue(
+    t: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    eps: float,
+    qk_norm: bool,
+    rope: Optional[torch.Tensor],
+    num_prefix: int,
+    rotate_half: bool,
+) -> torch.Tensor:
+    """What timm does to q or k between the qkv projection and attention: per-head LayerNorm over d (``qk_norm``),
+    then RoPE on the patch tokens (EvaAttention). t (B, N, H, d) -> (B, N, H, d) in t's dtype, rounded after each
+    step as timm rounds. The fused kernels apply exactly this when they load Q and K tiles."""
+    if qk_norm:
+        t = F.layer_norm(t, (t.shape[-1],), norm_weight, norm_bias, eps)
+    if rope is not None:
+        t = apply_rope(t, rope, num_prefix, rotate_half=rotate_half)
+    return t
+
+
+def qk_prologue_backward(
+    grad: torch.Tensor,
+    t: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    eps: float,
+    qk_norm: bool,
+    rope: Optional[torch.Tensor],
+    num_prefix: int,
+    rotate_half: bool,
+):
+    """Gradients of ``qk_prologue`` by explicit formulas (float32): returns (dt, dweight, dbias) (None when absent).
+
+    RoPE: y = x cos + rot(x) sin, rot^T = -rot, so dx = dy cos - rot(dy sin) on patch tokens.
+    LayerNorm: x^ = (x - mean) rstd, g = dy w; dx = rstd (g - mean(g) - x^ mean(g x^)); dw = sum dy x^; db = sum dy.
+    """
+    g = grad.float()
+    if rope is not None:
+        r = rope_to_token_layout(rope).float()
+        sin, cos = r.chunk(2, dim=-1)
+        patch = g[:, num_prefix:]
+        patch = patch * cos - _rotate(patch * sin, rotate_half)
+        g = torch.cat([g[:, :num_prefix], patch], dim=1) if num_prefix else patch
+    if not qk_norm:
+        return g.to(t.dtype), None, None
+    x = t.float()
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    x_hat = (x - mean) * rstd
+    gy = g * norm_weight.float() if norm_weight is not None else g
+    dx = rstd * (gy - gy.mean(-1, keepdim=True) - x_hat * (gy * x_hat).mean(-1, keepdim=True))
+    reduce_dims = tuple(range(g.dim() - 1))
+    dw = (g * x_hat).sum(reduce_dims).to(norm_weight.dtype) if norm_weight is not None else None
+    db = g.sum(reduce_dims).to(norm_bias.dtype) if norm_bias is not None else None
+    return dx.to(t.dtype), dw, db

@@ -156,19 +156,85 @@ def test_lse_statistic_and_unsupported_stats():
                                    backend="triton")
 
 
+def _op_args(q, k, v, reg_k=None, reg_v=None, norms=(None, None, None, None), rope=None, scale=0.25, P=1,
+             qk_norm=False, eps=1e-6, half=False, impl="triton"):
+    return (q, k, v, reg_k, reg_v, *norms, rope, scale, P, qk_norm, eps, half, impl)
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_opcheck(impl):
-    B, N, H, d, R = 1, 5, 1, 16, 2
+@pytest.mark.parametrize("prologue", ["plain", "qknorm-rope"])
+def test_opcheck(impl, prologue):
+    B, N, H, d, R, P = 1, 5, 1, 16, 2, 1
     q, k, v = (t.clone().requires_grad_() for t in packed_qkv(B, N, H, d, device=DEVICE))
     reg_k, reg_v = (t.requires_grad_() for t in registers(B, R, H, d, True, device=DEVICE))
-    args = (q, k, v, reg_k, reg_v, d**-0.5, 1, impl)
+    extra = {}
+    if prologue != "plain":
+        norms = tuple(torch.randn(d, device=DEVICE, requires_grad=True) for _ in range(4))
+        extra = dict(norms=norms, rope=torch.randn(N - P, 2 * d, device=DEVICE), qk_norm=True, half=True)
+    args = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, **extra)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(attention_fwd, args, test_utils=tests)
     out, lse = attention_fwd(*args)
-    torch.library.opcheck(
-        attention_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), reg_k.detach(), reg_v.detach(),
-                        out.detach(), lse, d**-0.5, 1, impl), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(attention_fwd, (q, k, v, None, None, d**-0.5, 0, impl), test_utils=tests)
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    bwd_args = (torch.randn_like(out), *detached[:10], out.detach(), lse, *detached[10:])
+    torch.library.opcheck(attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(attention_fwd, _op_args(q, k, v, P=0, impl=impl), test_utils=tests)
+
+
+PROLOGUE_CASES = [
+    # (B, N, H, d, R, P, qk_norm, rope, rotate_half, dtype)
+    (1, 17, 2, 64, 4, 5, True, True, False, "fp32"),
+    (2, 9, 1, 32, 0, 1, True, False, False, "fp16"),
+    (1, 21, 1, 72, 1, 5, False, True, True, "fp32"),
+    (1, 13, 2, 16, 2, 0, True, True, True, "fp16"),
+]
+
+
+@pytest.mark.parametrize("case", PROLOGUE_CASES,
+                         ids=lambda c: f"B{c[0]}-N{c[1]}-H{c[2]}-D{c[3]}-R{c[4]}-P{c[5]}-"
+                                       f"{'qknorm' if c[6] else 'noqknorm'}-{'rope' if c[7] else 'norope'}-"
+                                       f"{'half' if c[8] else 'interleaved'}-{c[9]}")
+def test_fused_qk_norm_and_rope_forward_and_backward(case):
+    B, N, H, d, R, P, qk_norm, use_rope, half, dt = case
+    dtype = DTYPES[dt]
+    q, k, v = (t.clone().requires_grad_() for t in packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=N))
+    reg_k, reg_v = registers(B, R, H, d, True, dtype=dtype, device=DEVICE)
+    norms = tuple((torch.randn(d) * 0.5 + 1).to(DEVICE, dtype).requires_grad_() for _ in range(4))
+    rope = torch.randn(N - P, 2 * d, device=DEVICE) if use_rope else None
+    out = torch.full((B, N, H, d), float("nan"), dtype=dtype, device=DEVICE)
+    triton_kernels.attention_forward(
+        q.detach(), k.detach(), v.detach(), reg_k, reg_v, d**-0.5, P, out=out, qk_norm=qk_norm,
+        q_norm_weight=norms[0], q_norm_bias=norms[1], k_norm_weight=norms[2], k_norm_bias=norms[3],
+        norm_eps=1e-5, rope=rope, rotate_half=half)
+    assert not out.isnan().any()
+
+    def unfused(q, k, v, *norms):  # timm's order of operations in PyTorch, then attention
+        qp = reference.qk_prologue(q, norms[0], norms[1], 1e-5, qk_norm, rope, P, half)
+        kp = reference.qk_prologue(k, norms[2], norms[3], 1e-5, qk_norm, rope, P, half)
+        return qp, kp
+
+    qp, kp = unfused(q, k, v, *norms)
+    ref64, _ = float64_reference(qp.detach(), kp.detach(), v.detach(), reg_k, reg_v)
+    assert max_error(out, ref64) <= 2 * own_error(qp.detach(), kp.detach(), v.detach(), reg_k, reg_v, ref64)
+
+    # gradients through the op (fused forward, recomputed prologue in backward) vs autograd of the unfused path
+    leaves = [q, k, v] + (list(norms) if qk_norm else [])
+    got_out, _ = attention_fwd(*_op_args(q, k, v, reg_k, reg_v, norms if qk_norm else (None,) * 4, rope,
+                                         d**-0.5, P, qk_norm, 1e-5, half))
+    g = torch.randn_like(got_out)
+    got = torch.autograd.grad(got_out, leaves, g)
+    qp, kp = unfused(q, k, v, *norms)
+    want_out = regkern.register_attention(qp, kp, v, reg_k, reg_v, backend="reference")
+    want = torch.autograd.grad(want_out, leaves, g)
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(["dq", "dk", "dv", "dqw", "dqb", "dkw", "dkb"], got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=name)
+
+
+def test_rope_table_shape_is_checked():
+    q, k, v = packed_qkv(1, 9, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"rope: expected a \[sin, cos\] table"):
+        triton_kernels.attention_forward(q, k, v, None, None, 0.25, 1, rope=torch.randn(9, 32, device=DEVICE))
 
 
 @pytest.mark.parametrize("module_kind", ["vit-qknorm", "eva-rope-half", "eva-rope-interleaved"])
@@ -190,7 +256,7 @@ def test_modules_with_qk_norm_and_rope_on_triton(module_kind):
             ref.v_bias.normal_()
         ours = regkern.RegisterEvaAttention.from_timm(ref, backend="triton")
         extra = {"rope": torch.randn(N - P, 2 * dim // H)}
-    assert ours.backend_name == "triton"
+    assert ours.backend_name == "triton" and "fused into the kernel" in ours.prologue_reason
     ref, ours = ref.to(DEVICE), ours.to(DEVICE)
     extra = {key: t.to(DEVICE) for key, t in extra.items()}
     x = torch.randn(2, N, dim, device=DEVICE, requires_grad=True)
