@@ -33,6 +33,16 @@ def _load_rows(base, rows, row_stride, offs_d, row_mask, d_mask):
 
 
 @triton.jit
+def _program_coords(num_tiles, H):
+    # one flat grid axis (no 65535 limit on B*H); the tiles of one (b, h) are adjacent, so they share K/V in L2.
+    # int64 so that offsets of large batches do not overflow
+    pid = tl.program_id(0)
+    tile = pid % num_tiles
+    bh = (pid // num_tiles).to(tl.int64)
+    return tile, bh, bh // H, bh % H
+
+
+@triton.jit
 def _load_qk(base, rows, row_stride, offs_d, row_mask, d_mask, HEAD_DIM, NW, NB, eps, rope_base, rope_stride_m, P,
              QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr):
     # Q or K tile with timm's prologue fused into the load: per-head LayerNorm over d (qk_norm), then RoPE on
@@ -122,10 +132,7 @@ def _attn_fwd_kernel(
     HAS_SMALL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -146,8 +153,8 @@ def _attn_fwd_kernel(
                                       offs_s, offs_d, d_mask, R, P, HEAD_DIM, KNW, KNB, norm_eps, QK_NORM)
         vs = _load_small_segment(V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr,
                                  offs_s, offs_d, d_mask, R, P)
-        s = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
-        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, vs, offs_s < R + P)
+        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
+        m_i, l_i, acc = _online_softmax_step(s_small, m_i, l_i, acc, vs, offs_s < R + P)
 
     k_ptr = K + b * stride_kb + h * stride_kh
     v_ptr = V + b * stride_vb + h * stride_vh
@@ -181,10 +188,11 @@ def _attn_bwd_dkdv_kernel(
     SMALL_SEGMENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program owns one key tile (the small segment, or BLOCK_KEYS patch keys) and loops over all queries.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    if SMALL_SEGMENT:
+        num_tiles = 1
+    else:
+        num_tiles = tl.cdiv(N - P, BLOCK_KEYS)
+    pid_n, pid_bh, b, h = _program_coords(num_tiles, H)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     k_base = b * stride_kb + h * stride_kh
@@ -254,10 +262,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SMALL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -276,11 +281,11 @@ def _attn_bwd_dq_kernel(
                                  offs_s, offs_d, d_mask, R, P)
         vs = _load_small_segment(V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr,
                                  offs_s, offs_d, d_mask, R, P)
-        s = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.where((offs_s < R + P)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vs), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(ks.dtype), ks, input_precision=DOT_PRECISION)
+        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
+        p_small = tl.where((offs_s < R + P)[None, :], tl.exp2(s_small - lse2[:, None]), 0.0)
+        dp_small = tl.dot(do, tl.trans(vs), input_precision=DOT_PRECISION)
+        ds_small = p_small * (dp_small - delta[:, None])
+        dq += tl.dot(ds_small.to(ks.dtype), ks, input_precision=DOT_PRECISION)
 
     for start in range(P, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -401,7 +406,7 @@ def attention_forward(
     out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if lse is None else lse
     BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
-    grid = (triton.cdiv(N, BLOCK_M), B * H)
+    grid = (triton.cdiv(N, BLOCK_M) * B * H,)
     _attn_fwd_kernel[grid](
         q, k, v, rk, rv, out, lse,
         qnw, qnb, knw, knb, rope_t,
@@ -455,14 +460,14 @@ def attention_backward(
     tail = (H, N, R, P, d, scale * LOG2E, scale)
     dkdv_args = (q, k, v, rk, rv, dout, lse, delta, dk, dv, drk, drv) + strides + tail
     if N > P:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(N - P, BLOCK_N), B * H)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
             *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_N, BLOCK_D=BLOCK_D, SMALL_SEGMENT=False, **common
         )
     if R + P > 0:
-        _attn_bwd_dkdv_kernel[(1, B * H)](
+        _attn_bwd_dkdv_kernel[(B * H,)](
             *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_S, BLOCK_D=BLOCK_D, SMALL_SEGMENT=True, **common
         )
-    _attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
+    _attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M) * B * H,)](
         q, k, v, rk, rv, dout, lse, delta, dq, *strides, *tail,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, HAS_SMALL=(R + P) > 0, **common
     )
