@@ -318,3 +318,22 @@ def test_auto_masked_calls_use_a_mask_capable_backend():
 
 def test_lse_natural_log_constant():
     assert abs(triton_kernels.LN2 - math.log(2)) < 1e-15 and abs(triton_kernels.LOG2E - 1 / math.log(2)) < 1e-15
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_dinov3"])
+def test_torch_compile_fullgraph_of_patched_timm_model(name):
+    """No graph breaks through the custom ops (fake kernels + registered autograd), forward and backward."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, depth=2).to(DEVICE)
+    regkern.patch_timm(model, backend="triton")
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    out = compiled(x)
+    eager = model(x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.square().sum(), params)
+    want = torch.autograd.grad(eager.square().sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
