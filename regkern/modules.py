@@ -77,6 +77,27 @@ class _RegisterAttentionBase(nn.Module):
         self.requested_backend = backend
         self._choose_backend()
 
+    @classmethod
+    def _adopt(cls, attn: nn.Module, expected: type, projections: tuple):
+        """A new instance holding ``attn``'s submodules (the same objects, in timm's registration order)."""
+        if type(attn) is not expected:
+            raise TypeError(f"attn: expected a {expected.__module__}.{expected.__name__}, "
+                            f"got {type(attn).__module__}.{type(attn).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = attn.num_heads * attn.head_dim
+        self.scale = attn.scale
+        self.fused_attn = True
+        for name in projections + ("q_norm", "k_norm", "attn_drop", "norm"):
+            setattr(self, name, getattr(attn, name))
+        self.gate = getattr(attn, "gate", None)  # timm >= 1.0.21
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.train(attn.training)
+        return self
+
     def reset_kv_registers(self, std: float = 0.02) -> None:
         """Re-initialise the KV-only registers (truncated normal, like timm's token init)."""
         if self.reg_k is not None:
@@ -259,21 +280,7 @@ class RegisterViTAttention(_RegisterAttentionBase):
         """Build from a ``timm.layers.Attention``, reusing its submodules and Parameter objects (no copies)."""
         from timm.layers import Attention
 
-        if type(attn) is not Attention:
-            raise TypeError(f"attn: expected a timm.layers.Attention, got {type(attn).__module__}.{type(attn).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
-        self.scale = attn.scale
-        self.fused_attn = True
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm"):
-            setattr(self, name, getattr(attn, name))
-        self.gate = getattr(attn, "gate", None)
-        self.proj = attn.proj
-        self.proj_drop = attn.proj_drop
-        self.train(attn.training)
+        self = cls._adopt(attn, Attention, ("qkv",))
         p = attn.qkv.weight
         self._setup_registers_and_backend(
             num_kv_registers, num_prefix_tokens, backend, device=p.device, dtype=p.dtype
@@ -373,19 +380,9 @@ class RegisterEvaAttention(_RegisterAttentionBase):
         """Build from a ``timm.models.eva.EvaAttention``, reusing its submodules, Parameters and buffers."""
         from timm.models.eva import EvaAttention
 
-        if type(attn) is not EvaAttention:
-            raise TypeError(f"attn: expected a timm EvaAttention, got {type(attn).__module__}.{type(attn).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.attn_dim = attn.num_heads * attn.head_dim
-        self.scale = attn.scale
-        self.fused_attn = True
+        self = cls._adopt(attn, EvaAttention, ("qkv", "q_proj", "k_proj", "v_proj"))
         self.qkv_bias_separate = attn.qkv_bias_separate
         self.rotate_half = getattr(attn, "rotate_half", False)
-        for name in ("qkv", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "attn_drop", "norm"):
-            setattr(self, name, getattr(attn, name))
         # Parameters and buffers owned by the timm module itself: register the same tensor objects
         for name in ("q_bias", "v_bias"):
             setattr(self, name, getattr(attn, name))
@@ -393,10 +390,6 @@ class RegisterEvaAttention(_RegisterAttentionBase):
             self.k_bias = None
         else:
             self.register_buffer("k_bias", attn.k_bias, persistent=False)
-        self.gate = getattr(attn, "gate", None)
-        self.proj = attn.proj
-        self.proj_drop = attn.proj_drop
-        self.train(attn.training)
         p = next(attn.parameters())
         self._setup_registers_and_backend(
             num_kv_registers, attn.num_prefix_tokens, backend, device=p.device, dtype=p.dtype
