@@ -1,8 +1,11 @@
 """torch.library ops of fused register attention, with fake (meta) implementations and registered autograd.
 
     regkern::attention_fwd(q, k, v, reg_k?, reg_v?, q_norm_weight?, q_norm_bias?, k_norm_weight?, k_norm_bias?,
-                           rope?, scale, num_prefix, qk_norm, norm_eps, rotate_half, impl) -> (out, lse)
-    regkern::attention_bwd(dout, <the forward's tensors>, out, lse, <the forward's scalars>)
+                           rope?, scale, num_prefix, qk_norm, norm_eps, rotate_half,
+                           stat_out_norm, stat_prefix_rows, stat_received, impl)
+        -> (out, lse, out_norm, prefix_rows, received)
+    regkern::attention_bwd(dout, <the forward's tensors>, out, lse, scale, num_prefix, qk_norm, norm_eps,
+                           rotate_half, impl)
         -> (dq, dk, dv, dreg_k, dreg_v, dq_norm_weight, dq_norm_bias, dk_norm_weight, dk_norm_bias)
 
 Optional gradients come back as empty (0,) tensors when their input is absent (ops cannot return None).
@@ -40,29 +43,47 @@ def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, reg_k: Optional[Tensor], reg_v: Optional[Tensor],
     q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor],
     k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor], rope: Optional[Tensor],
-    scale: float, num_prefix: int, qk_norm: bool, norm_eps: float, rotate_half: bool, impl: str,
-) -> Tuple[Tensor, Tensor]:
-    """out (B, N, H, d) contiguous in q's dtype and lse (B, H, N) float32; see ``regkern.register_attention``."""
+    scale: float, num_prefix: int, qk_norm: bool, norm_eps: float, rotate_half: bool,
+    stat_out_norm: bool, stat_prefix_rows: bool, stat_received: bool, impl: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """out (B, N, H, d) contiguous in q's dtype, lse (B, H, N) float32, and the requested statistics (float32):
+    out_norm (B, N), prefix_rows (B, H, P, R + N), received (B, H, R + N); (0,) when not requested.
+    See ``regkern.register_attention``."""
     _check_impl(impl)
+    wanted = tuple(name for name, on in zip(_STATS, (stat_out_norm, stat_prefix_rows, stat_received)) if on)
     if impl == "triton":
         from .attention_triton import attention_forward
 
-        return attention_forward(
+        result = attention_forward(
             q, k, v, reg_k, reg_v, scale, num_prefix, qk_norm=qk_norm, q_norm_weight=q_norm_weight,
             q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, norm_eps=norm_eps,
-            rope=rope, rotate_half=rotate_half,
+            rope=rope, rotate_half=rotate_half, stats=wanted,
         )
-    q = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
-    k = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
-    out, stats = reference.register_attention(q, k, v, reg_k, reg_v, scale=scale, return_stats=("lse",))
-    return out, stats.lse
+        out, lse, stats = result if wanted else (*result, {})
+    else:
+        q = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
+        k = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
+        out, stats = reference.register_attention(q, k, v, reg_k, reg_v, scale=scale, return_stats=("lse",) + wanted,
+                                                  num_prefix=num_prefix)
+        lse = stats["lse"]
+    return (out, lse, *(stats[name] if name in wanted else q.new_empty((0,), dtype=torch.float32)
+                        for name in _STATS))
+
+
+_STATS = ("out_norm", "prefix_rows", "received")
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, reg_k, reg_v, qnw, qnb, knw, knb, rope, scale, num_prefix, qk_norm, norm_eps,
-                        rotate_half, impl):
+                        rotate_half, stat_out_norm, stat_prefix_rows, stat_received, impl):
     B, N, H, d = q.shape
-    return q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32)
+    keys = N + (0 if reg_k is None else reg_k.shape[-3])
+
+    def stat(on, shape):
+        return q.new_empty(shape if on else (0,), dtype=torch.float32)
+
+    return (q.new_empty((B, N, H, d)), q.new_empty((B, H, N), dtype=torch.float32), stat(stat_out_norm, (B, N)),
+            stat(stat_prefix_rows, (B, H, num_prefix, keys)), stat(stat_received, (B, H, keys)))
 
 
 @torch.library.custom_op("regkern::attention_bwd", mutates_args=())
@@ -110,18 +131,22 @@ def _attention_bwd_fake(dout, q, k, v, reg_k, reg_v, qnw, qnb, knw, knb, rope, o
 _TENSOR_INPUTS = 10  # q, k, v, reg_k, reg_v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, rope
 
 
+_BWD_SCALARS = 5  # scale, num_prefix, qk_norm, norm_eps, rotate_half (then the stat flags, then impl)
+
+
 def _setup_context(ctx, inputs, output):
     tensors = inputs[:_TENSOR_INPUTS]
     ctx.scalars = inputs[_TENSOR_INPUTS:]
-    out, lse = output
+    out, lse, *stats = output
     ctx.save_for_backward(*tensors, out, lse)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, *stats)  # statistics are observations, not differentiable outputs
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, *_stat_grads):
     saved = ctx.saved_tensors
     tensors, out, lse = saved[:_TENSOR_INPUTS], saved[_TENSOR_INPUTS], saved[_TENSOR_INPUTS + 1]
-    grads = attention_bwd(dout, *tensors, out, lse, *ctx.scalars)
+    scalars = ctx.scalars[:_BWD_SCALARS] + ctx.scalars[-1:]
+    grads = attention_bwd(dout, *tensors, out, lse, *scalars)
     # optional inputs that were None get None; rope gets no gradient (a fixed table)
     result = [None if t is None else g for t, g in zip(tensors[:9], grads)]
     return (*result, None) + (None,) * len(ctx.scalars)

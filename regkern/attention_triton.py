@@ -106,6 +106,13 @@ def _load_small_segment_keys(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs
 
 
 @triton.jit
+def _store_prefix_scores(PS, pid_bh, offs_m, cols, s, P, num_keys, row_ok, col_ok):
+    # scaled scores (log2 units) of the prefix queries; the launcher normalises them with the final lse
+    ptrs = PS + (pid_bh * P + offs_m[:, None]) * num_keys + cols[None, :]
+    tl.store(ptrs, s, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _online_softmax_step(s, m_i, l_i, acc, v, valid_cols):
     # s: (BLOCK_M, BLOCK_*) scores already in log2 units; invalid columns get -inf
     s = tl.where(valid_cols[None, :], s, float("-inf"))
@@ -119,7 +126,7 @@ def _online_softmax_step(s, m_i, l_i, acc, v, valid_cols):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, RK, RV, O, LSE,
+    Q, K, V, RK, RV, O, LSE, OUT_SQ, PREFIX_S,
     QNW, QNB, KNW, KNB, ROPE,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -131,12 +138,16 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SMALL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr,
+    STAT_OUT_SQ: tl.constexpr, STAT_PREFIX: tl.constexpr,
 ):
     pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < N
+    # only tiles holding prefix queries (CLS, registers) record their attention rows
+    prefix_tile = pid_m * BLOCK_M < P
+    prefix_ok = (offs_m < P) & m_mask
 
     rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
     q = _load_qk(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, m_mask, d_mask, HEAD_DIM,
@@ -154,6 +165,9 @@ def _attn_fwd_kernel(
         vs = _load_small_segment(V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr,
                                  offs_s, offs_d, d_mask, R, P)
         s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
+        if STAT_PREFIX:
+            if prefix_tile:
+                _store_prefix_scores(PREFIX_S, pid_bh, offs_m, offs_s, s_small, P, R + N, prefix_ok, offs_s < R + P)
         m_i, l_i, acc = _online_softmax_step(s_small, m_i, l_i, acc, vs, offs_s < R + P)
 
     k_ptr = K + b * stride_kb + h * stride_kh
@@ -165,13 +179,67 @@ def _attn_fwd_kernel(
                      rope_base, stride_ropem, P, QK_NORM, USE_ROPE, ROTATE_HALF)
         v = _load_rows(v_ptr, offs_n, stride_vn, offs_d, n_mask, d_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        if STAT_PREFIX:
+            if prefix_tile:
+                _store_prefix_scores(PREFIX_S, pid_bh, offs_m, R + offs_n, s, P, R + N, prefix_ok, n_mask)
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, n_mask)
 
     acc = acc / l_i[:, None]
+    if STAT_OUT_SQ:  # this head's share of ||out[b, n]||^2, from the float32 accumulator
+        tl.store(OUT_SQ + pid_bh * N + offs_m, tl.sum(acc * acc, axis=1), mask=m_mask)
     # out is contiguous (B, N, H, d)
     o_ptrs = O + ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+
+
+@triton.jit
+def _attn_received_kernel(
+    Q, K, RK, LSE, RECEIVED,
+    QNW, QNB, KNW, KNB, ROPE,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_rkb, stride_rkr, stride_rkh,
+    stride_ropeb, stride_ropeh, stride_ropem,
+    H, N, R, P, HEAD_DIM, qk_scale_log2, norm_eps,
+    BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMALL_SEGMENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr,
+):
+    # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
+    if SMALL_SEGMENT:
+        num_tiles = 1
+    else:
+        num_tiles = tl.cdiv(N - P, BLOCK_KEYS)
+    pid_n, pid_bh, b, h = _program_coords(num_tiles, H)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    k_base = b * stride_kb + h * stride_kh
+    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
+    if SMALL_SEGMENT:
+        offs_j = tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < R + P
+        cols = offs_j
+        k = _load_small_segment_keys(K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr,
+                                     offs_j, offs_d, d_mask, R, P, HEAD_DIM, KNW, KNB, norm_eps, QK_NORM)
+    else:
+        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < N
+        cols = R + offs_j
+        k = _load_qk(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask, HEAD_DIM, KNW, KNB, norm_eps,
+                     rope_base, stride_ropem, P, QK_NORM, USE_ROPE, ROTATE_HALF)
+    colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    for start in range(0, N, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N
+        q = _load_qk(q_base, offs_m, stride_qn, offs_d, m_mask, d_mask, HEAD_DIM, QNW, QNB, norm_eps,
+                     rope_base, stride_ropem, P, QK_NORM, USE_ROPE, ROTATE_HALF)
+        lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        pt = tl.where(valid[:, None], tl.exp2(st - lse2[None, :]), 0.0)
+        colsum += tl.sum(pt, axis=1)
+    tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
 
 
 @triton.jit
@@ -393,13 +461,18 @@ def attention_forward(
     k_norm_weight: Optional[torch.Tensor] = None, k_norm_bias: Optional[torch.Tensor] = None,
     norm_eps: float = 1e-6,
     rope: Optional[torch.Tensor] = None, rotate_half: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    stats: Tuple[str, ...] = (),
+):
     """Launch the forward kernel. Returns out (B, N, H, d) contiguous and lse (B, H, N) float32, written into the
     given buffers when passed (tests pre-fill them with NaN so unwritten elements show).
 
     With ``qk_norm`` and/or ``rope`` the kernel applies ``reference.qk_prologue`` to Q and K tiles as it loads them
     (per-head LayerNorm over d with the given affine parameters, then RoPE on tokens >= num_prefix); registers are
-    raw keys and get neither. The lse is that of the attention over the transformed q, k."""
+    raw keys and get neither. The lse is that of the attention over the transformed q, k.
+
+    ``stats``: any of "out_norm", "prefix_rows", "received" (see ``reference.AttentionStats``); then the call returns
+    ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue (per-head squared
+    norms, the prefix queries' scores normalised with the final lse); received takes a second pass over the keys."""
     q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
     B, N, H, d = q.shape
     R = 0 if reg_k is None else reg_k.shape[-3]
@@ -411,10 +484,14 @@ def attention_forward(
     rope_t, srope = _rope_view(rope, B, H, P, q)
     out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if lse is None else lse
+    want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
+    out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
+    prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
     BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
     grid = (triton.cdiv(N, BLOCK_M) * B * H,)
+    prologue = dict(QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half))
     _attn_fwd_kernel[grid](
-        q, k, v, rk, rv, out, lse,
+        q, k, v, rk, rv, out, lse, out_sq, prefix_s,
         qnw, qnb, knw, knb, rope_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -422,11 +499,31 @@ def attention_forward(
         *srk, *srv, *srope,
         H, N, R, P, d, scale * LOG2E, norm_eps,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_S=_pow2_at_least(R + P), BLOCK_D=_pow2_at_least(d),
-        HAS_SMALL=(R + P) > 0, DOT_PRECISION=_dot_precision(q.dtype),
-        QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half), num_warps=num_warps,
-        num_stages=_forward_stages(bool(qk_norm) or rope is not None),
+        HAS_SMALL=(R + P) > 0, DOT_PRECISION=_dot_precision(q.dtype), **prologue,
+        STAT_OUT_SQ=want_norm, STAT_PREFIX=want_prefix,
+        num_warps=num_warps, num_stages=_forward_stages(bool(qk_norm) or rope is not None),
     )
-    return out, lse
+    if not stats:
+        return out, lse
+    results = {}
+    if want_norm:
+        results["out_norm"] = out_sq.sum(1).sqrt()
+    if want_prefix:
+        results["prefix_rows"] = torch.exp2(prefix_s - (lse[:, :, :P, None] * LOG2E))
+    if "received" in stats:
+        received = torch.empty((B, H, R + N), dtype=torch.float32, device=q.device)
+        args = (q, k, rk, lse, received, qnw, qnb, knw, knb, rope_t,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *srk, *srope,
+                H, N, R, P, d, scale * LOG2E, norm_eps)
+        common = dict(BLOCK_M=BLOCK_M, BLOCK_D=_pow2_at_least(d), DOT_PRECISION=_dot_precision(q.dtype),
+                      num_warps=num_warps, **prologue)
+        if N > P:
+            _attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
+                *args, BLOCK_KEYS=BLOCK_N, SMALL_SEGMENT=False, **common)
+        if R + P > 0:
+            _attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
+        results["received"] = received
+    return out, lse, results
 
 
 def attention_backward(

@@ -120,7 +120,7 @@ class TritonBackend(AttentionBackend):
     auto_device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     max_head_dim = 128
-    stats = frozenset({"lse"})
+    stats = frozenset(reference.STAT_NAMES)
 
     def not_supported_reasons(self, request: AttentionRequest) -> List[str]:
         reasons = []
@@ -137,9 +137,6 @@ class TritonBackend(AttentionBackend):
             reasons.append(f"dtype {request.dtype} is not supported (float16, bfloat16, float32)")
         if request.head_dim > self.max_head_dim:
             reasons.append(f"head_dim {request.head_dim} > {self.max_head_dim}")
-        extra = sorted(request.stats - self.stats)
-        if extra:
-            reasons.append(f"statistics {extra} are not computed by the Triton kernel yet (only 'lse')")
         if request.has_mask:
             reasons.append("attn_mask is not supported by the fused kernel")
         if request.dropout:
@@ -149,27 +146,31 @@ class TritonBackend(AttentionBackend):
     #: this backend can apply timm's qk_norm (LayerNorm) and RoPE while loading Q/K tiles
     fuses_qk_prologue = True
 
+    @staticmethod
+    def _run(q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, return_stats):
+        from .attention_op import attention_fwd
+
+        flags = tuple(name in return_stats for name in ("out_norm", "prefix_rows", "received"))
+        out, lse, *stats = attention_fwd(q, k, v, reg_k, reg_v, *norms, rope, scale, num_prefix, qk_norm,
+                                         float(norm_eps), bool(rotate_half), *flags, "triton")
+        if not return_stats:
+            return out
+        found = dict(zip(("out_norm", "prefix_rows", "received"), stats), lse=lse)
+        return out, reference.AttentionStats({name: found[name] for name in return_stats})
+
     def attention_with_prologue(self, q, k, v, reg_k, reg_v, *, scale, num_prefix, q_norm, k_norm, norm_eps,
-                                rope, rotate_half):
+                                rope, rotate_half, return_stats=()):
         """Attention over ``reference.qk_prologue``-transformed q and k, the prologue fused into the kernel.
 
         q_norm, k_norm: (weight, bias) pairs (either may be None) or None when qk_norm is off."""
-        from .attention_op import attention_fwd
-
         qk_norm = q_norm is not None
-        qw, qb = q_norm if qk_norm else (None, None)
-        kw, kb = k_norm if qk_norm else (None, None)
-        out, _ = attention_fwd(q, k, v, reg_k, reg_v, qw, qb, kw, kb, rope, scale, num_prefix, qk_norm,
-                               float(norm_eps), bool(rotate_half), "triton")
-        return out
+        norms = (*q_norm, *k_norm) if qk_norm else (None,) * 4
+        return self._run(q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half,
+                         tuple(return_stats))
 
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
-        from .attention_op import attention_fwd
-
-        out, lse = attention_fwd(
-            q, k, v, reg_k, reg_v, None, None, None, None, None, scale, num_prefix, False, 0.0, False, "triton"
-        )
-        return (out, reference.AttentionStats({"lse": lse})) if return_stats else out
+        return self._run(q, k, v, reg_k, reg_v, (None,) * 4, None, scale, num_prefix, False, 0.0, False,
+                         tuple(return_stats))
 
 
 BACKENDS: Dict[str, AttentionBackend] = {b.name: b for b in (TritonBackend(), TorchBackend(), ReferenceBackend())}

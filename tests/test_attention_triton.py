@@ -149,16 +149,14 @@ def test_lse_statistic_and_unsupported_stats():
     out, stats = regkern.register_attention(q, k, v, return_stats=("lse",), backend="triton")
     _, ref = regkern.register_attention(q, k, v, return_stats=("lse",), backend="reference")
     torch.testing.assert_close(stats.lse, ref.lse, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="backend 'triton'.*out_norm"):
-        regkern.register_attention(q, k, v, return_stats=("out_norm",), backend="triton")
     with pytest.raises(ValueError, match="attn_mask is not supported"):
         regkern.register_attention(q, k, v, attn_mask=torch.ones(17, 17, dtype=torch.bool, device=DEVICE),
                                    backend="triton")
 
 
 def _op_args(q, k, v, reg_k=None, reg_v=None, norms=(None, None, None, None), rope=None, scale=0.25, P=1,
-             qk_norm=False, eps=1e-6, half=False, impl="triton"):
-    return (q, k, v, reg_k, reg_v, *norms, rope, scale, P, qk_norm, eps, half, impl)
+             qk_norm=False, eps=1e-6, half=False, impl="triton", stats=(False, False, False)):
+    return (q, k, v, reg_k, reg_v, *norms, rope, scale, P, qk_norm, eps, half, *stats, impl)
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
@@ -174,9 +172,11 @@ def test_opcheck(impl, prologue):
     args = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, **extra)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(attention_fwd, args, test_utils=tests)
-    out, lse = attention_fwd(*args)
+    with_stats = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, stats=(True, True, True), **extra)
+    torch.library.opcheck(attention_fwd, with_stats, test_utils=tests)
+    out, lse, *_ = attention_fwd(*args)
     detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
-    bwd_args = (torch.randn_like(out), *detached[:10], out.detach(), lse, *detached[10:])
+    bwd_args = (torch.randn_like(out), *detached[:10], out.detach(), lse, *detached[10:15], detached[-1])
     torch.library.opcheck(attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(attention_fwd, _op_args(q, k, v, P=0, impl=impl), test_utils=tests)
 
@@ -219,7 +219,7 @@ def test_fused_qk_norm_and_rope_forward_and_backward(case):
 
     # gradients through the op (fused forward, recomputed prologue in backward) vs autograd of the unfused path
     leaves = [q, k, v] + (list(norms) if qk_norm else [])
-    got_out, _ = attention_fwd(*_op_args(q, k, v, reg_k, reg_v, norms if qk_norm else (None,) * 4, rope,
+    got_out, *_ = attention_fwd(*_op_args(q, k, v, reg_k, reg_v, norms if qk_norm else (None,) * 4, rope,
                                          d**-0.5, P, qk_norm, 1e-5, half))
     g = torch.randn_like(got_out)
     got = torch.autograd.grad(got_out, leaves, g)
@@ -337,3 +337,59 @@ def test_torch_compile_fullgraph_of_patched_timm_model(name):
     want = torch.autograd.grad(eager.square().sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+STATS_CASES = [
+    # (B, N, H, d, R, P, shared, dtype, prologue)
+    (1, 1, 1, 32, 0, 1, True, "fp32", False),
+    (2, 17, 2, 64, 4, 5, True, "fp32", False),
+    (1, 64, 1, 72, 16, 16, False, "fp16", False),
+    (1, 197, 1, 64, 1, 1, True, "fp32", False),
+    (1, 261, 1, 64, 4, 5, False, "fp16", False),
+    (1, 33, 2, 32, 2, 5, True, "fp32", True),
+]
+
+
+@pytest.mark.parametrize("case", STATS_CASES, ids=lambda c: case_id(c[:8]) + ("-qknorm-rope" if c[8] else ""))
+def test_epilogue_statistics_match_reference(case):
+    B, N, H, d, R, P, shared, dt, prologue = case
+    dtype = DTYPES[dt]
+    q, k, v = packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=5 * N + R)
+    reg_k, reg_v = registers(B, R, H, d, shared, dtype=dtype, device=DEVICE)
+    norms = tuple(torch.randn(d, device=DEVICE) for _ in range(4)) if prologue else (None,) * 4
+    rope = torch.randn(N - P, 2 * d, device=DEVICE) if prologue else None
+    out, lse, stats = triton_kernels.attention_forward(
+        q, k, v, reg_k, reg_v, d**-0.5, P, qk_norm=prologue, q_norm_weight=norms[0], q_norm_bias=norms[1],
+        k_norm_weight=norms[2], k_norm_bias=norms[3], rope=rope, rotate_half=True,
+        stats=("out_norm", "prefix_rows", "received"))
+    qp = reference.qk_prologue(q, norms[0], norms[1], 1e-6, prologue, rope, P, True)
+    kp = reference.qk_prologue(k, norms[2], norms[3], 1e-6, prologue, rope, P, True)
+    f = (lambda t: None if t is None else t.float())
+    _, want = reference.register_attention(f(qp), f(kp), f(v), f(reg_k), f(reg_v), return_stats=reference.STAT_NAMES,
+                                           num_prefix=P)
+    assert set(stats) == {"out_norm", "prefix_rows", "received"}
+    for name, got in stats.items():
+        assert got.shape == want[name].shape and got.dtype == torch.float32, name
+        assert torch.isfinite(got).all(), name
+        # statistics are float32 reductions of float32 accumulators: tight tolerances at every precision
+        torch.testing.assert_close(got, want[name], atol=2e-5 if dt == "fp32" else 2e-3, rtol=1e-4, msg=name)
+    # attention rows of the prefix queries sum to one; received sums to N per head
+    torch.testing.assert_close(stats["prefix_rows"].sum(-1), torch.ones(B, H, P, device=DEVICE), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stats["received"].sum(-1), torch.full((B, H), float(N), device=DEVICE),
+                               atol=1e-3 * N, rtol=0)
+
+
+def test_register_attention_statistics_on_triton_backend():
+    B, N, H, d, R, P = 2, 17, 2, 32, 3, 5
+    q, k, v = packed_qkv(B, N, H, d, device=DEVICE, seed=8)
+    reg_k, reg_v = registers(B, R, H, d, True, device=DEVICE)
+    out, stats = regkern.register_attention(q, k, v, reg_k, reg_v, return_stats=("received", "lse", "out_norm"),
+                                            num_prefix=P, backend="triton")
+    ref, want = regkern.register_attention(q, k, v, reg_k, reg_v, return_stats=("received", "lse", "out_norm"),
+                                           num_prefix=P, backend="reference")
+    assert list(stats) == ["received", "lse", "out_norm"]
+    for name in stats:
+        torch.testing.assert_close(stats[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
+    # statistics do not change the output, and asking for them does not break autograd of out
+    torch.testing.assert_close(out, regkern.register_attention(q, k, v, reg_k, reg_v, num_prefix=P, backend="triton"),
+                               atol=0, rtol=0)

@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget
 
 from regkern import attention_triton as at
 
-POINTERS_FP32 = {"LSE", "DELTA", "DRK", "DRV", "QNW", "QNB", "KNW", "KNB", "ROPE"}
+POINTERS_FP32 = {"LSE", "DELTA", "DRK", "DRV", "QNW", "QNB", "KNW", "KNB", "ROPE", "OUT_SQ", "PREFIX_S", "RECEIVED"}
 POINTERS_DATA = {"Q", "K", "V", "RK", "RV", "O", "DO", "DQ", "DK", "DV"}
 FLOATS = {"qk_scale_log2", "scale", "norm_eps"}
 # opt-in shared memory per block (bytes): H100/H200 227 KiB, A100 163 KiB
@@ -44,9 +44,15 @@ def configs():
                 block_m, block_n, warps = at._config(N, d, torch_dtype, "cuda")
                 for prologue in ((False, False, False), (True, True, True), (False, True, False)):
                     stages = at._forward_stages(prologue[0] or prologue[1])
-                    yield at._attn_fwd_kernel, dtype, warps, stages, dict(
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=16, BLOCK_D=d, HAS_SMALL=True,
-                        DOT_PRECISION=precision, QK_NORM=prologue[0], USE_ROPE=prologue[1], ROTATE_HALF=prologue[2])
+                    flags = dict(QK_NORM=prologue[0], USE_ROPE=prologue[1], ROTATE_HALF=prologue[2])
+                    for stats in (False, True):
+                        yield at._attn_fwd_kernel, dtype, warps, stages, dict(
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=16, BLOCK_D=d, HAS_SMALL=True,
+                            DOT_PRECISION=precision, STAT_OUT_SQ=stats, STAT_PREFIX=stats, **flags)
+                    for small, keys in ((False, block_n), (True, 16)):
+                        yield at._attn_received_kernel, dtype, warps, 3, dict(
+                            BLOCK_M=block_m, BLOCK_KEYS=keys, BLOCK_D=d, SMALL_SEGMENT=small,
+                            DOT_PRECISION=precision, **flags)
                 for small, keys in ((False, block_n), (True, 16)):
                     yield at._attn_bwd_dkdv_kernel, dtype, warps, 3, dict(
                         BLOCK_M=block_m, BLOCK_KEYS=keys, BLOCK_D=d, SMALL_SEGMENT=small, DOT_PRECISION=precision)
