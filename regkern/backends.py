@@ -7,7 +7,8 @@ inside a forward, so the choice is stable under ``torch.compile`` and CUDA-graph
 Backends, in the order ``"auto"`` tries them:
     triton     fused Triton kernels (``regkern.attention_triton``): registers and prefix as their own KV segment,
                forward + backward, LSE. CUDA tensors; CPU tensors only when named explicitly under TRITON_INTERPRET=1.
-    torch      PyTorch ``scaled_dot_product_attention`` with registers concatenated to the keys; no statistics.
+    torch      PyTorch ``scaled_dot_product_attention`` with registers concatenated to the keys; statistics, when
+               requested, from the materialising reference beside it (the output stays SDPA's).
     reference  the materialising float32 reference; supports everything, slow; serves statistics and tests.
 """
 
@@ -87,18 +88,30 @@ class ReferenceBackend(AttentionBackend):
 
 class TorchBackend(AttentionBackend):
     name = "torch"
-    description = "PyTorch scaled_dot_product_attention, registers concatenated to the keys"
+    description = (
+        "PyTorch scaled_dot_product_attention, registers concatenated to the keys; statistics, when requested, "
+        "from the materialising reference beside it (out stays SDPA's, bit for bit)"
+    )
 
     def not_supported_reasons(self, request: AttentionRequest) -> List[str]:
         reasons = []
-        if request.stats:
-            reasons.append(
-                f"statistics {sorted(request.stats)} need the materialising reference or a fused kernel; "
-                "SDPA does not expose them"
-            )
+        if request.stats and request.dropout:
+            reasons.append("statistics with attention dropout need the reference (one pass for both)")
         return reasons
 
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        out = self._sdpa(q, k, v, reg_k, reg_v, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p)
+        if not return_stats:
+            return out
+        with torch.no_grad():  # statistics are observations: no graph through the materialised matrix
+            _, stats = reference.register_attention(
+                q, k, v, reg_k, reg_v, scale=scale, return_stats=return_stats, num_prefix=num_prefix,
+                attn_mask=attn_mask,
+            )
+        return out, stats
+
+    @staticmethod
+    def _sdpa(q, k, v, reg_k, reg_v, *, scale, attn_mask, dropout_p):
         B = q.shape[0]
         if reg_k is not None:
             R = reg_k.shape[-3]

@@ -75,6 +75,9 @@ class _RegisterAttentionBase(nn.Module):
             self.register_parameter("reg_k", None)
             self.register_parameter("reg_v", None)
         self.requested_backend = backend
+        # statistics requested by a NormMonitor and where they go; () / None = plain attention
+        self.monitor_stats = ()
+        self.stats_sink = None
         self._choose_backend()
 
     @classmethod
@@ -122,7 +125,8 @@ class _RegisterAttentionBase(nn.Module):
     def _choose_backend(self) -> None:
         p = self._reference_param()
         dropout = float(self.attn_drop.p) > 0
-        request = AttentionRequest(p.device.type, p.dtype, self.head_dim, frozenset(), False, dropout)
+        stats = frozenset(getattr(self, "monitor_stats", ()))
+        request = AttentionRequest(p.device.type, p.dtype, self.head_dim, stats, False, dropout)
         self._backend_choice = self._resolve(request)
         self._attention_backend = self._backend_choice.backend
         # calls with an attn_mask use the first backend that supports masks (identical semantics)
@@ -158,9 +162,23 @@ class _RegisterAttentionBase(nn.Module):
         """Why this backend was chosen, in words."""
         return self._backend_choice.reason
 
+    def set_monitoring(self, stats=(), sink=None) -> None:
+        """Request attention statistics (names from ``reference.STAT_NAMES``) on every call and hand them, as an
+        ``AttentionStats``, to ``sink(stats)``; ``set_monitoring()`` turns it off. Re-chooses the backend once."""
+        stats = tuple(stats)
+        if bool(stats) != (sink is not None):
+            raise ValueError("sink: statistics and a sink go together (both given or both empty)")
+        if "prefix_rows" in stats and self.num_prefix_tokens == 0:
+            raise ValueError("stats: 'prefix_rows' needs num_prefix_tokens >= 1 (the model has no CLS/registers)")
+        self.monitor_stats, self.stats_sink = stats, sink
+        self._choose_backend()
+
     def set_backend(self, backend: Optional[str]) -> None:
         """Choose another backend ("auto", "torch", "reference", ...); decided now, not in forward."""
         self.requested_backend = backend
+        # statistics requested by a NormMonitor and where they go; () / None = plain attention
+        self.monitor_stats = ()
+        self.stats_sink = None
         self._choose_backend()
 
     @property
@@ -172,25 +190,33 @@ class _RegisterAttentionBase(nn.Module):
         """q, k, v (B, N, H, d) straight from the projection -> out (B, N, H, d): q_norm/k_norm and RoPE (on tokens
         >= num_prefix_tokens), then register attention; the first two fused into the kernel when it can."""
         dropout_p = self.attn_drop.p if self.training else 0.0
+        stats = self.monitor_stats if attn_mask is None else ()
         if attn_mask is None and self._fuse_prologue:
-            check_attention_inputs(q, k, v, self.reg_k, self.reg_v, self.scale, (), self.num_prefix_tokens, None,
+            check_attention_inputs(q, k, v, self.reg_k, self.reg_v, self.scale, stats, self.num_prefix_tokens, None,
                                    dropout_p)
             qk_norm = not isinstance(self.q_norm, nn.Identity)
-            return self._attention_backend.attention_with_prologue(
+            result = self._attention_backend.attention_with_prologue(
                 q, k, v, self.reg_k, self.reg_v, scale=self.scale, num_prefix=self.num_prefix_tokens,
                 q_norm=(self.q_norm.weight, self.q_norm.bias) if qk_norm else None,
                 k_norm=(self.k_norm.weight, self.k_norm.bias) if qk_norm else None,
                 norm_eps=self.q_norm.eps if qk_norm else 0.0, rope=rope, rotate_half=self.rotate_half,
+                return_stats=stats,
             )
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q = apply_rope(q, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
-            k = apply_rope(k, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
-        backend = self._attention_backend if attn_mask is None else self._masked_attention_backend
-        return run_attention(
-            backend, q, k, v, self.reg_k, self.reg_v, scale=self.scale, num_prefix=self.num_prefix_tokens,
-            attn_mask=attn_mask, dropout_p=dropout_p,
-        )
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q = apply_rope(q, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
+                k = apply_rope(k, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
+            backend = self._attention_backend if attn_mask is None else self._masked_attention_backend
+            result = run_attention(
+                backend, q, k, v, self.reg_k, self.reg_v, scale=self.scale, num_prefix=self.num_prefix_tokens,
+                return_stats=stats, attn_mask=attn_mask, dropout_p=dropout_p,
+            )
+        if not stats:
+            return result
+        out, attention_stats = result
+        self.stats_sink(attention_stats)
+        return out
 
     def extra_repr(self) -> str:
         return (

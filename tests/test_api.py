@@ -57,7 +57,7 @@ def test_returns_out_only_without_stats(qkv):
          r"attn_mask: expected a shape broadcastable to \(B, H, N, N\)"),
         (lambda a: a.update(attn_mask=torch.ones(N, N, dtype=torch.int64)), TypeError, r"attn_mask: expected dtype"),
         (lambda a: a.update(dropout_p=1.5), ValueError, r"dropout_p: expected a float in \[0, 1\)"),
-        (lambda a: a.update(return_stats=("lse",), backend="torch"), ValueError,
+        (lambda a: a.update(return_stats=("lse",), dropout_p=0.1, backend="torch"), ValueError,
          r"backend 'torch' \(from backend argument\) cannot run this call: statistics"),
     ],
     ids=["rank", "k-shape", "v-dtype", "int-dtype", "not-tensor", "k-device", "reg_k-alone", "reg_v-alone",
@@ -78,9 +78,12 @@ def test_auto_dispatch_and_reasons(qkv):
     plain = resolve_backend(None, AttentionRequest.from_tensors(qkv[0]))
     assert plain.name == "torch" and "auto" in plain.reason
     with_stats = resolve_backend("auto", AttentionRequest.from_tensors(qkv[0], stats=("out_norm",)))
-    assert with_stats.name == "reference"
-    assert "torch" in with_stats.skipped and "statistics" in with_stats.skipped["torch"][0]
-    assert "skipped" in with_stats.reason and "torch: statistics" in with_stats.reason
+    assert with_stats.name == "torch"  # SDPA output, statistics from the reference beside it
+    stats_and_dropout = resolve_backend(
+        "auto", AttentionRequest.from_tensors(qkv[0], stats=("out_norm",), dropout_p=0.1))
+    assert stats_and_dropout.name == "reference"
+    assert "statistics with attention dropout" in stats_and_dropout.skipped["torch"][0]
+    assert "skipped" in stats_and_dropout.reason and "torch: statistics" in stats_and_dropout.reason
     assert plain.skipped["triton"] == ["auto uses it on cuda only (name it explicitly otherwise)"]
     for backend in regkern.BACKENDS.values():
         assert isinstance(backend.not_supported_reasons(AttentionRequest.from_tensors(qkv[0])), list)
@@ -97,7 +100,16 @@ def test_environment_variable_selects_backend(qkv, monkeypatch):
         regkern.register_attention(*qkv)
 
 
-def test_stats_requested_via_auto_use_reference(qkv):
+def test_stats_on_the_torch_backend_leave_its_output_bit_identical(qkv):
+    plain = regkern.register_attention(*qkv, backend="torch")
+    out, stats = regkern.register_attention(*qkv, return_stats=("out_norm", "lse"), backend="torch")
+    assert torch.equal(out, plain)
+    _, want = regkern.register_attention(*qkv, return_stats=("out_norm", "lse"), backend="reference")
+    for name in ("out_norm", "lse"):
+        torch.testing.assert_close(stats[name], want[name], atol=0, rtol=0)
+
+
+def test_stats_requested_via_auto(qkv):
     reg_k, reg_v = registers(B, 2, H, d, shared=True)
     out, stats = regkern.register_attention(*qkv, reg_k, reg_v, return_stats=("received", "prefix_rows"),
                                             num_prefix=3)
