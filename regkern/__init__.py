@@ -3,11 +3,13 @@
 Public API (see README.md):
     register_attention      attention over [KV-only registers, tokens] with optional statistics, backend dispatch
     reference               the pure-PyTorch semantics every kernel is tested against
-    layer_norm_with_norms   LayerNorm that also returns each token's input L2 norm
+    layer_norm_with_norms   LayerNorm that also returns each token's input L2 norm (Triton on CUDA)
+    MonitoredLayerNorm      drop-in nn.LayerNorm that hands those norms to a sink (a block's norm1)
     embed_tokens            [CLS, registers, patches] + position embeddings, as timm builds them
     RegisterViTAttention    drop-in for timm.layers.Attention
     RegisterEvaAttention    drop-in for timm's EvaAttention (RoPE on patch tokens)
-    patch_timm / unpatch_timm / explain
+    patch_timm / unpatch_timm / explain / get_monitor
+    NormMonitor             residual-norm and attention statistics of a patched ViT, on the device
 
 Importing regkern never touches a GPU, xformers or a compiled extension.
 """
@@ -16,8 +18,11 @@ from . import reference
 from .attention import register_attention
 from .backends import AUTO_ORDER, BACKENDS, AttentionRequest, get_backend, resolve_backend
 from .modules import RegisterEvaAttention, RegisterViTAttention
-from .patching import explain, patch_timm, unpatch_timm
-from .reference import STAT_NAMES, AttentionStats, embed_tokens, layer_norm_with_norms
+from .monitor import NormMonitor, NormReport
+from .patching import explain, get_monitor, patch_timm, unpatch_timm
+from .layer_norm_op import layer_norm_with_norms
+from .monitored_layer_norm import MonitoredLayerNorm
+from .reference import STAT_NAMES, AttentionStats, embed_tokens
 
 __version__ = "0.1.0"
 
@@ -34,6 +39,10 @@ __all__ = [
     "patch_timm",
     "unpatch_timm",
     "explain",
+    "get_monitor",
+    "NormMonitor",
+    "MonitoredLayerNorm",
+    "NormReport",
     "BACKENDS",
     "AUTO_ORDER",
     "AttentionRequest",

@@ -516,7 +516,7 @@ def attention_forward(
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *srk, *srope,
                 H, N, R, P, d, scale * LOG2E, norm_eps)
         common = dict(BLOCK_M=BLOCK_M, BLOCK_D=_pow2_at_least(d), DOT_PRECISION=_dot_precision(q.dtype),
-                      num_warps=num_warps, **prologue)
+                      num_warps=num_warps, num_stages=_forward_stages(bool(qk_norm) or rope is not None), **prologue)
         if N > P:
             _attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
                 *args, BLOCK_KEYS=BLOCK_N, SMALL_SEGMENT=False, **common)

@@ -35,6 +35,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--backend", default=None, help="regkern backend (default: $REGKERN_BACKEND or auto)")
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes per model (default: %(default)s)")
+    p.add_argument("--monitor", action="store_true",
+                   help="also attach a regkern.NormMonitor and print its report (norm histograms, outliers, "
+                        "attention shares)")
+    p.add_argument("--threshold", type=float, default=150.0,
+                   help="outlier threshold on token norms for --monitor (default: %(default)s)")
+    p.add_argument("--plant", type=int, metavar="LAYER",
+                   help="synthetic artifact for demonstrations without trained weights: multiply two patch tokens "
+                        "of every image by 50 before block LAYER (both models), so the monitor has outliers to find")
+    p.add_argument("--attention-map", type=Path, metavar="PNG",
+                   help="with --monitor: save the last layer's CLS/register attention maps of the first image")
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> str:
@@ -187,6 +197,8 @@ def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> Di
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.batch_size < 1 or args.img_size < 1:
         raise ValueError("--batch-size and --img-size must be >= 1")
+    if args.attention_map and not args.monitor:
+        raise ValueError("--attention-map needs --monitor")
     torch.manual_seed(0)
     try:
         model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
@@ -205,6 +217,10 @@ def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> Di
     model = model.to(device=device, dtype=dtype)
 
     patched = patch_timm(copy.deepcopy(model), backend=args.backend)
+    planted = []
+    if args.plant is not None:
+        for m in (model, patched):
+            planted = plant_artifacts(m, args.plant)
     (base_out, patched_out), (base_time, patched_time) = _time_forwards([model, patched], x, args.repeats)
     max_diff = (patched_out.float() - base_out.float()).abs().max().item()
     rows = residual_norm_table(patched, x)
@@ -222,10 +238,67 @@ def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> Di
     out(f"max |patched - unpatched| output difference: {max_diff:.3e}")
     out("residual-stream token norms entering each block (L2, mean over batch; 'out' = after the last block):")
     out(format_norm_table(rows))
-    if not args.checkpoint:
+    if planted:
+        out(f"synthetic artifacts: patch tokens {planted} of every image multiplied by {PLANT_FACTOR:g} "
+            f"before block {args.plant}")
+    elif not args.checkpoint:
         out("(random weights: no high-norm artifacts are expected; load a trained checkpoint to see them)")
+    if args.monitor:
+        from .monitor import NormMonitor
+
+        monitor = NormMonitor(patched, threshold=args.threshold)
+        with torch.inference_mode():
+            patched(x)
+        out("")
+        out(str(monitor.report()))
+        if args.attention_map:
+            save_attention_map(monitor.attention_maps(-1)[0], args.attention_map, f"{args.model}, last layer",
+                               has_cls=bool(has_cls))
+            out(f"attention maps written to {args.attention_map}")
     return {"max_diff": max_diff, "unpatched_s": base_time, "patched_s": patched_time, "rows": rows,
             "backends": backends, "weights": weights}
+
+
+PLANT_FACTOR = 50.0
+
+
+def plant_artifacts(model: nn.Module, layer: int) -> List[int]:
+    """Register a hook that multiplies two patch tokens of every image by PLANT_FACTOR before block ``layer``
+    (a synthetic stand-in for the high-norm artifacts of trained ViTs). Returns their token indices."""
+    blocks = _blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"--plant: expected a block index in [0, {len(blocks) - 1}], got {layer}")
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    num_patches = int(model.patch_embed.num_patches)
+    tokens = [num_prefix + num_patches // 3, num_prefix + (2 * num_patches) // 3]
+
+    def hook(_module, args):
+        x = args[0].clone()
+        x[:, tokens] *= PLANT_FACTOR
+        return (x,) + tuple(args[1:])
+
+    blocks[layer].register_forward_pre_hook(hook)
+    return tokens
+
+
+def save_attention_map(maps: torch.Tensor, path: Path, title: str, has_cls: bool = True) -> None:
+    """maps (H, P, gh, gw) of one image -> a PNG with one panel per prefix query (CLS, registers), head mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = maps.float().mean(0).cpu()  # (P, gh, gw)
+    P = mean.shape[0]
+    fig, axes = plt.subplots(1, P, figsize=(2.2 * P, 2.4), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(mean[i].numpy(), cmap="viridis")
+        ax.set_title("CLS" if has_cls and i == 0 else f"register {i + 1 - int(has_cls)}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"attention of the prefix queries over the patches ({title}; mean over heads)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

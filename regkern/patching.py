@@ -15,9 +15,10 @@ import torch.nn as nn
 
 from .modules import RegisterEvaAttention, RegisterViTAttention, _RegisterAttentionBase
 
-__all__ = ["patch_timm", "unpatch_timm", "explain", "supported_attention_classes"]
+__all__ = ["patch_timm", "unpatch_timm", "get_monitor", "explain", "supported_attention_classes"]
 
 _ORIGINAL = "_regkern_original"
+_MONITOR = "_regkern_monitor"
 
 
 def supported_attention_classes() -> Dict[type, type]:
@@ -43,6 +44,7 @@ def patch_timm(
     *,
     backend: Optional[str] = None,
     num_kv_registers: int = 0,
+    monitor=False,
 ) -> nn.Module:
     """Swap every supported attention module of a timm model for its regkern drop-in, in place.
 
@@ -51,6 +53,8 @@ def patch_timm(
         backend: backend for every patched layer ("auto", "torch", "reference", ...); default $REGKERN_BACKEND/auto.
         num_kv_registers: add R learnable KV-only registers to every patched layer (new ``reg_k``/``reg_v``
             parameters, initialised small; 0 = none).
+        monitor: True, or a dict of ``NormMonitor`` options, attaches a ``regkern.NormMonitor`` (then reachable as
+            ``regkern.get_monitor(model)``).
 
     Returns:
         The same model object. Unsupported attention classes are left untouched with one warning that names them.
@@ -85,7 +89,19 @@ def patch_timm(
     if unsupported:
         listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
         warnings.warn(f"regkern.patch_timm: left unsupported attention modules untouched: {listed}", stacklevel=2)
+    if monitor:
+        from .monitor import NormMonitor
+
+        if get_monitor(model) is not None:
+            raise ValueError("monitor: the model already has a NormMonitor (regkern.get_monitor(model))")
+        options = monitor if isinstance(monitor, dict) else {}
+        object.__setattr__(model, _MONITOR, NormMonitor(model, **options))
     return model
+
+
+def get_monitor(model: nn.Module):
+    """The ``NormMonitor`` that ``patch_timm(model, monitor=...)`` attached, or None."""
+    return model.__dict__.get(_MONITOR)
 
 
 def _inside_patched(name: str, replacements: List[Tuple[str, nn.Module]]) -> bool:
@@ -98,6 +114,9 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     Parameters and buffers that were moved or converted while patched (``.to()``) are handed back to the original
     modules, and their train/eval mode follows the patched module's. KV registers added by ``patch_timm`` are dropped.
     """
+    monitor = model.__dict__.pop(_MONITOR, None)
+    if monitor is not None:
+        monitor.remove()
     restores = []
     for name, module in model.named_modules():
         original = getattr(module, _ORIGINAL, None) if isinstance(module, _RegisterAttentionBase) else None

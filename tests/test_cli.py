@@ -67,3 +67,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     torch.save({"nonsense": torch.zeros(1)}, bad)
     assert cli.main(["demo", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--checkpoint", str(bad)]) == 2
     assert "does not match the model" in capsys.readouterr().err
+
+
+def test_demo_monitor_finds_planted_artifacts_and_writes_attention_map(tmp_path, capsys):
+    png = tmp_path / "maps.png"
+    code = cli.main(["demo", "--img-size", "56", "--batch-size", "2", "--repeats", "1", "--monitor", "--plant", "3",
+                     "--attention-map", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 7 and "patches" in line]
+    outliers = [int(r[6]) for r in rows]
+    assert outliers == [0, 0, 0] + [4] * 9  # 2 planted tokens x 2 images, from block 3 on
+    assert "synthetic artifacts" in out and "largest patch norms" in out
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["demo", "--img-size", "56", "--attention-map", str(png)]) == 2
+    assert "--attention-map needs --monitor" in capsys.readouterr().err
