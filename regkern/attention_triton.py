@@ -402,6 +402,12 @@ def _forward_stages(prologue: bool) -> int:
     return 2 if prologue else 3
 
 
+def _received_stages(prologue: bool) -> int:
+    """Pipelining depth of the ``received`` pass: with the prologue it reloads and transforms a Q tile (and its
+    rotation partners and RoPE table) per step; one stage keeps that within sm_80's shared memory."""
+    return 1 if prologue else 3
+
+
 def _registers_view(reg: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     """(pointer tensor, (stride_b, stride_r, stride_h)) with batch stride 0 for shared registers."""
     if reg is None:
@@ -516,7 +522,8 @@ def attention_forward(
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *srk, *srope,
                 H, N, R, P, d, scale * LOG2E, norm_eps)
         common = dict(BLOCK_M=BLOCK_M, BLOCK_D=_pow2_at_least(d), DOT_PRECISION=_dot_precision(q.dtype),
-                      num_warps=num_warps, num_stages=_forward_stages(bool(qk_norm) or rope is not None), **prologue)
+                      num_warps=num_warps, num_stages=_received_stages(bool(qk_norm) or rope is not None),
+                      **prologue)
         if N > P:
             _attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
                 *args, BLOCK_KEYS=BLOCK_N, SMALL_SEGMENT=False, **common)

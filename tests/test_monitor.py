@@ -168,3 +168,37 @@ def test_bad_monitor_arguments():
         regkern.NormMonitor(model, norm_range=(10, 1))
     with pytest.raises(ValueError, match="no .blocks"):
         regkern.NormMonitor(torch.nn.Linear(2, 2))
+
+
+def test_triton_path_monitor_matches_the_torch_path(images):
+    """The same monitor fed by the Triton kernels' epilogues (interpreter on the CPU) and by the reference."""
+    from regkern import attention_triton
+
+    if not torch.cuda.is_available() and not attention_triton.INTERPRETED:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    small = images[:, :, :28, :28].to(device)  # 2 x 2 patches: keeps the interpreter quick
+
+    def monitored(backend):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=2)
+        with torch.no_grad():
+            model.cls_token.normal_()
+            model.reg_token.normal_()
+        model = regkern.patch_timm(model.eval().to(device), backend=backend, monitor={"threshold": 5.0})
+        with torch.no_grad():
+            out = model(small)
+        return out, regkern.get_monitor(model)
+
+    out_t, mon_t = monitored("triton")
+    out_r, mon_r = monitored("torch")
+    assert mon_t.attentions[0].backend_name == "triton"
+    torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=1e-4)
+    rep_t, rep_r = mon_t.report(), mon_r.report()
+    for a, b in zip(rep_t.rows, rep_r.rows):
+        assert a["count"] == b["count"]
+        assert math.isclose(a["mean"], b["mean"], rel_tol=1e-5, abs_tol=1e-6)
+    for a, b in zip(rep_t.attention_share, rep_r.attention_share):
+        for group in a:
+            assert math.isclose(a[group], b[group], rel_tol=1e-4, abs_tol=1e-6)
+    torch.testing.assert_close(mon_t.attention_maps(-1), mon_r.attention_maps(-1), atol=1e-5, rtol=1e-4)

@@ -58,7 +58,7 @@ def configs(arch):
                         DOT_PRECISION=precision, STAT_OUT_SQ=stats, STAT_PREFIX=stats, **flags)
                     if stats:
                         for small, keys in ((False, block_n), (True, 16)):
-                            yield at._attn_received_kernel, dtype, warps, stages, dict(
+                            yield at._attn_received_kernel, dtype, warps, at._received_stages(qk_norm or rope), dict(
                                 BLOCK_M=block_m, BLOCK_KEYS=keys, BLOCK_D=d, SMALL_SEGMENT=small,
                                 DOT_PRECISION=precision, **flags)
                 for small, keys in ((False, block_n), (True, 16)):
