@@ -22,12 +22,6 @@ GRAD_TOL = dict(atol=3e-5, rtol=3e-5)
 B, N = 2, 17
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_env(monkeypatch):
-    """Tests choose backends explicitly; a REGKERN_BACKEND in the caller's environment must not leak in."""
-    monkeypatch.delenv("REGKERN_BACKEND", raising=False)
-
-
 # ----------------------------------------------------------------------------------------------------- helpers
 
 

@@ -35,11 +35,6 @@ OUT_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True)
-def _no_backend_env(monkeypatch):
-    monkeypatch.delenv("REGKERN_BACKEND", raising=False)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """These models run a handful of tokens: one thread is fastest, and it avoids OpenMP spin contention that
