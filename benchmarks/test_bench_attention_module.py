@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import regkern
-from benchmarks.common import on_gpu, sync
+from benchmarks.common import on_gpu, record, sync
 
 # (name, B, N, C, H): ViT-B/14-reg4 at 224 px on a GPU; a small ViT-S-like shape on the CPU
 SHAPES = [("vitb14reg4-224", 256, 261, 768, 12)] if on_gpu() else [("vits14reg4-cpu", 4, 261, 384, 6)]
@@ -31,10 +31,9 @@ def test_attention_module_forward(benchmark, device, shape, impl):
         return y
 
     run()  # warm-up outside the timed region
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        torch=torch.__version__, regkern=regkern.__version__, dtype=str(dtype),
-        backend=getattr(module, "backend_name", "timm"),
-    )
     y = benchmark(run)
     assert y.shape == (B, N, C)
+    flops = 4 * B * H * N * N * (C // H) + 2 * B * N * C * 4 * C  # attention + qkv and proj matmuls
+    bytes_moved = B * N * C * x.element_size() * 6  # x, qkv (3C), attention out, y
+    record(benchmark, device, flops, bytes_moved, impl=impl, backend=getattr(module, "backend_name", "timm"),
+           shape=shape[0], dtype=str(dtype))

@@ -1,9 +1,22 @@
 """Op level: from the qkv Linear output (B, N, 3C) to the (B, N, C) tensor the projection consumes, layout copies
-included. Contenders: timm's own path (SDPA + reshapes), SDPA with each backend forced, regkern triton (R = 0/4/16
-KV registers) and regkern torch. Forward, and forward + backward.
+included, forward and forward + backward.
 
-GPU: the ViT shapes of the Triton-attention issue in bf16. CPU: one tiny shape with the contenders that exist there.
-Run: ``pytest benchmarks --benchmark-only``; results carry FLOPs, bytes, TFLOP/s and GB/s in ``extra_info``.
+Contenders (each doing the same job):
+    timm               timm's own path: reshape/permute, SDPA (default backend), transpose/reshape
+    sdpa-<backend>     the same with one SDPA backend forced (flash, efficient, cudnn, math)
+    xformers           xformers.ops.memory_efficient_attention, when it imports with working kernels
+    flex               FlexAttention (torch.compile'd), GPU only
+    regkern-triton     the fused kernel; -R4/-R16 with KV-only registers; -outnorm with the out_norm epilogue;
+                       -monitor with out_norm + prefix_rows epilogues; -monitor-received adding the received pass
+    regkern-torch      regkern's SDPA backend
+    naive-registers    torch.cat of 4 registers to k/v + SDPA + a separate out-norm pass (registers + monitoring
+                       without regkern)
+    timm-maps          timm's unfused attention plus the reductions the monitor gives (prefix rows, column sums,
+                       out norms): the attention-map feature without regkern
+(The CUDA backend's contenders join when it exists.)
+
+GPU: ViT-S/16, ViT-B/14-reg4, ViT-L/14-reg4, ViT-g/14-reg4 shapes in bf16. CPU: one tiny shape with the contenders
+that run there. ``pytest benchmarks --benchmark-only``; ``python -m regkern bench`` runs and summarises the suite.
 """
 
 import pytest
@@ -11,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import regkern
-from benchmarks.common import on_gpu, sync
+from benchmarks.common import on_gpu, record, sync
 
 # (id, B, N, H, P) with d = 64
 GPU_SHAPES = [
@@ -25,8 +38,12 @@ SHAPES = GPU_SHAPES if on_gpu() else CPU_SHAPES
 D = 64
 
 
+def heads_first(qkv, B, N, H):
+    return qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def timm_path(qkv, B, N, H, reg, P):
-    q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = heads_first(qkv, B, N, H)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
 
 
@@ -40,30 +57,75 @@ def sdpa_forced(backend_name):
     return run
 
 
-def regkern_path(backend):
+def xformers_path(qkv, B, N, H, reg, P):
+    import xformers.ops as xops
+
+    q, k, v = qkv.view(B, N, 3, H, D).unbind(2)  # xformers takes (B, N, H, d) directly
+    return xops.memory_efficient_attention(q, k, v).reshape(B, N, H * D)
+
+
+_flex_compiled = None
+
+
+def flex_path(qkv, B, N, H, reg, P):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    q, k, v = heads_first(qkv, B, N, H)
+    return _flex_compiled(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+
+
+def regkern_path(backend, stats=()):
     def run(qkv, B, N, H, reg, P):
         q, k, v = qkv.view(B, N, 3, H, D).unbind(2)
         reg_k, reg_v = reg if reg is not None else (None, None)
-        out = regkern.register_attention(q, k, v, reg_k, reg_v, num_prefix=P, backend=backend)
+        out = regkern.register_attention(q, k, v, reg_k, reg_v, num_prefix=P, backend=backend, return_stats=stats)
+        out = out[0] if stats else out
         return out.view(B, N, H * D)
 
     return run
 
 
+def naive_registers(qkv, B, N, H, reg, P):
+    q, k, v = heads_first(qkv, B, N, H)
+    reg_k, reg_v = (r.transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1) for r in reg)
+    out = F.scaled_dot_product_attention(q, torch.cat([reg_k, k], 2), torch.cat([reg_v, v], 2))
+    out = out.transpose(1, 2).reshape(B, N, H * D)
+    out_norm = torch.linalg.vector_norm(out.float(), dim=-1)  # the separate monitoring pass
+    return out + 0 * out_norm.unsqueeze(-1).to(out.dtype)
+
+
+def timm_maps(qkv, B, N, H, reg, P):
+    q, k, v = heads_first(qkv, B, N, H)
+    attn = ((q * D**-0.5) @ k.transpose(-2, -1)).softmax(-1)
+    prefix_rows = attn[:, :, :P].float().clone()
+    received = attn.float().sum(2)
+    out = (attn @ v).transpose(1, 2).reshape(B, N, H * D)
+    out_norm = torch.linalg.vector_norm(out.float(), dim=-1)
+    return out + 0 * (prefix_rows.sum() + received.sum() + out_norm.sum()).to(out.dtype)
+
+
+# name -> (function, KV registers R, needs a GPU)
 CONTENDERS = {
-    "timm": (timm_path, 0),
-    "sdpa-math": (sdpa_forced("MATH"), 0),
-    "regkern-torch": (regkern_path("torch"), 0),
+    "timm": (timm_path, 0, False),
+    "sdpa-math": (sdpa_forced("MATH"), 0, False),
+    "sdpa-flash": (sdpa_forced("FLASH_ATTENTION"), 0, True),
+    "sdpa-efficient": (sdpa_forced("EFFICIENT_ATTENTION"), 0, True),
+    "sdpa-cudnn": (sdpa_forced("CUDNN_ATTENTION"), 0, True),
+    "xformers": (xformers_path, 0, True),
+    "flex": (flex_path, 0, True),
+    "regkern-torch": (regkern_path("torch"), 0, False),
+    "regkern-triton": (regkern_path("triton"), 0, True),
+    "regkern-triton-R4": (regkern_path("triton"), 4, True),
+    "regkern-triton-R16": (regkern_path("triton"), 16, True),
+    "regkern-triton-outnorm": (regkern_path("triton", ("out_norm",)), 0, True),
+    "regkern-triton-monitor": (regkern_path("triton", ("out_norm", "prefix_rows")), 0, True),
+    "regkern-triton-monitor-received": (regkern_path("triton", ("out_norm", "prefix_rows", "received")), 0, True),
+    "naive-registers": (naive_registers, 4, False),
+    "timm-maps": (timm_maps, 0, False),
 }
-if on_gpu():
-    CONTENDERS.update({
-        "sdpa-flash": (sdpa_forced("FLASH_ATTENTION"), 0),
-        "sdpa-efficient": (sdpa_forced("EFFICIENT_ATTENTION"), 0),
-        "sdpa-cudnn": (sdpa_forced("CUDNN_ATTENTION"), 0),
-        "regkern-triton": (regkern_path("triton"), 0),
-        "regkern-triton-R4": (regkern_path("triton"), 4),
-        "regkern-triton-R16": (regkern_path("triton"), 16),
-    })
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -71,12 +133,19 @@ if on_gpu():
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_attention_op(benchmark, device, shape, contender, mode):
     name, B, N, H, P = shape
-    fn, R = CONTENDERS[contender]
+    fn, R, needs_gpu = CONTENDERS[contender]
+    if needs_gpu and device.type != "cuda":
+        pytest.skip(f"{contender} needs a CUDA GPU")
+    if contender == "xformers":
+        pytest.importorskip("xformers.ops")
+    if ("monitor" in contender or "outnorm" in contender) and mode != "fwd":
+        pytest.skip("monitoring statistics are an inference feature (forward only)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=mode != "fwd")
+    grad_needed = mode != "fwd"
+    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=grad_needed)
     reg = None
     if R:
-        reg = tuple(torch.randn(R, H, D, device=device, dtype=dtype, requires_grad=mode != "fwd") for _ in range(2))
+        reg = tuple(torch.randn(R, H, D, device=device, dtype=dtype, requires_grad=grad_needed) for _ in range(2))
     grad = torch.randn(B, N, H * D, device=device, dtype=dtype)
 
     def run():
@@ -90,17 +159,19 @@ def test_attention_op(benchmark, device, shape, contender, mode):
         return out
 
     try:
-        run()  # warm-up outside the timed region (Triton compile, cuDNN plans)
-    except RuntimeError as err:  # e.g. a forced SDPA backend that does not support this shape/device
+        run()  # warm-up outside the timed region (Triton compile and autotune, torch.compile, cuDNN plans)
+    except (RuntimeError, NotImplementedError) as err:  # e.g. a forced SDPA backend that rejects this shape
         pytest.skip(f"{contender} cannot run here: {str(err).splitlines()[0]}")
-    flops = 4 * B * H * N * (N + R) * D * (1 if mode == "fwd" else 3.5)
-    bytes_moved = (qkv.numel() + B * N * H * D) * qkv.element_size() * (1 if mode == "fwd" else 3)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-        regkern=regkern.__version__, dtype=str(dtype), shape=name, B=B, N=N, H=H, d=D, R=R, P=P, mode=mode,
-        flops=flops, bytes=bytes_moved,
-    )
-    benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, warmup_rounds=2)
-    if benchmark.stats is not None:  # None under --benchmark-disable (CI just executes each case)
-        median = benchmark.stats.stats.median
-        benchmark.extra_info.update(tflops=flops / median / 1e12, gbps=bytes_moved / median / 1e9)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        peak = torch.cuda.max_memory_allocated() - base
+    benchmark.pedantic(run, rounds=20 if device.type == "cuda" else 3, warmup_rounds=3 if device.type == "cuda" else 1)
+    passes = 1 if mode == "fwd" else 3.5  # backward ~ 2.5 forward matmul work
+    flops = 4 * B * H * N * (N + R) * D * passes
+    element = qkv.element_size()
+    bytes_moved = (B * N * 3 * H * D + B * N * H * D) * element * (1 if mode == "fwd" else 3)
+    record(benchmark, device, flops, bytes_moved, shape=name, B=B, N=N, H=H, d=D, R=R, P=P, mode=mode,
+           contender=contender, dtype=str(dtype), peak_memory_bytes=peak)

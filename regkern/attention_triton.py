@@ -194,6 +194,20 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr):
+    # the key tile a key-major program owns: the small segment (registers + prefix), or BLOCK_KEYS patch keys from P
+    if SMALL_SEGMENT:
+        pid_n, pid_bh, b, h = _program_coords(1, H)
+        offs_j = tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < R + P
+    else:
+        pid_n, pid_bh, b, h = _program_coords(tl.cdiv(N - P, BLOCK_KEYS), H)
+        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < N
+    return pid_bh, b, h, offs_j, valid
+
+
+@triton.jit
 def _attn_received_kernel(
     Q, K, RK, LSE, RECEIVED,
     QNW, QNB, KNW, KNB, ROPE,
@@ -207,24 +221,16 @@ def _attn_received_kernel(
     QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr, ROTATE_HALF: tl.constexpr,
 ):
     # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
-    if SMALL_SEGMENT:
-        num_tiles = 1
-    else:
-        num_tiles = tl.cdiv(N - P, BLOCK_KEYS)
-    pid_n, pid_bh, b, h = _program_coords(num_tiles, H)
+    pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     k_base = b * stride_kb + h * stride_kh
     rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
     if SMALL_SEGMENT:
-        offs_j = tl.arange(0, BLOCK_KEYS)
-        valid = offs_j < R + P
         cols = offs_j
         k = _load_small_segment_keys(K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr,
                                      offs_j, offs_d, d_mask, R, P, HEAD_DIM, KNW, KNB, norm_eps, QK_NORM)
     else:
-        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
-        valid = offs_j < N
         cols = R + offs_j
         k = _load_qk(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask, HEAD_DIM, KNW, KNB, norm_eps,
                      rope_base, stride_ropem, P, QK_NORM, USE_ROPE, ROTATE_HALF)
@@ -256,25 +262,17 @@ def _attn_bwd_dkdv_kernel(
     SMALL_SEGMENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program owns one key tile (the small segment, or BLOCK_KEYS patch keys) and loops over all queries.
-    if SMALL_SEGMENT:
-        num_tiles = 1
-    else:
-        num_tiles = tl.cdiv(N - P, BLOCK_KEYS)
-    pid_n, pid_bh, b, h = _program_coords(num_tiles, H)
+    pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
     if SMALL_SEGMENT:
-        offs_j = tl.arange(0, BLOCK_KEYS)
-        valid = offs_j < R + P
         k = _load_small_segment(K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr,
                                 offs_j, offs_d, d_mask, R, P)
         v = _load_small_segment(V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr,
                                 offs_j, offs_d, d_mask, R, P)
     else:
-        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
-        valid = offs_j < N
         k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)
         v = _load_rows(V + v_base, offs_j, stride_vn, offs_d, valid, d_mask)
 

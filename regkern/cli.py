@@ -19,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="patch a timm ViT with registers, compare with timm, print residual-norm table"
     )
     add_demo_arguments(demo)
+    from .bench import add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmark suite, print speedups and targets, write JSON, markdown and a PNG plot"
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -33,6 +39,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             run_demo(args)
+        elif args.command == "bench":
+            from .bench import run_bench
+
+            run_bench(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"regkern {args.command}: error: {err}", file=sys.stderr)
         return 2

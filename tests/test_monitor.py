@@ -82,7 +82,7 @@ def test_planted_outliers_found_at_the_right_layers_and_positions(images):
             assert math.isclose(row["max"], ref.max().item(), rel_tol=1e-5)
             assert math.isclose(row["std"], ref.std(unbiased=False).item(), rel_tol=1e-3, abs_tol=1e-4)
             edges = torch.tensor(report.bin_edges[1:-1], dtype=torch.float64)
-            want_hist = torch.bincount(torch.bucketize(ref.reshape(-1), edges), minlength=len(edges) + 1)
+            want_hist = torch.bincount(torch.bucketize(ref.reshape(-1).contiguous(), edges), minlength=len(edges) + 1)
             assert sum(abs(a - b) for a, b in zip(row["histogram"], want_hist.tolist())) <= 2  # edge ties only
         top = report.top_patches[layer]
         if layer >= PLANT_BEFORE:

@@ -1,0 +1,81 @@
+"""Model level: timm register ViTs, bf16 inference images/s (unpatched vs patched, eager and torch.compile) and one
+training step (forward + backward + AdamW) patched vs unpatched. Tiny models on the CPU, eager only."""
+
+
+import pytest
+import torch
+
+import regkern
+from benchmarks.common import on_gpu, record, sync
+
+timm = pytest.importorskip("timm")
+
+# (id, timm name, image size, batch)
+GPU_MODELS = [("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 256),
+              ("vitl14reg4-518", "vit_large_patch14_reg4_dinov2", 518, 32)]
+CPU_MODELS = [("vits14reg4-cpu", "vit_small_patch14_reg4_dinov2", 56, 2)]
+MODELS = GPU_MODELS if on_gpu() else CPU_MODELS
+VARIANTS = ["unpatched-eager", "patched-eager", "unpatched-compiled", "patched-compiled"]
+
+
+def build(name, img_size, device, dtype, patched):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=img_size).to(device=device, dtype=dtype)
+    return regkern.patch_timm(model) if patched else model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("spec", MODELS, ids=[m[0] for m in MODELS])
+def test_model_inference(benchmark, device, spec, variant):
+    label, name, img_size, batch = spec
+    if variant.endswith("compiled") and device.type != "cuda":
+        pytest.skip("torch.compile model benchmarks run on the GPU only")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(name, img_size, device, dtype, variant.startswith("patched")).eval()
+    if variant.endswith("compiled"):
+        model = torch.compile(model)
+    x = torch.randn(batch, 3, img_size, img_size, device=device, dtype=dtype)
+
+    def run():
+        with torch.inference_mode():
+            y = model(x)
+        sync(device)
+        return y
+
+    run()
+    run()  # compile and autotune outside the timed region
+    benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, warmup_rounds=1)
+    params = sum(p.numel() for p in model.parameters())
+    tokens = batch * (model.patch_embed.num_patches + model.num_prefix_tokens) if hasattr(model, "patch_embed") \
+        else batch
+    record(benchmark, device, flops=2 * params * tokens, bytes_moved=x.numel() * x.element_size(), model=name,
+           variant=variant, batch=batch, img_size=img_size, label=label,
+           images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None)
+
+
+@pytest.mark.parametrize("variant", ["unpatched", "patched"])
+def test_training_step(benchmark, device, variant):
+    label, name, img_size, batch = (("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 64) if on_gpu()
+                                    else ("vits14reg4-cpu", "vit_small_patch14_reg4_dinov2", 56, 2))
+    model = build(name, img_size, device, torch.float32, variant == "patched").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    target = torch.randint(0, model.num_classes or 1, (batch,), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        return loss
+
+    step()
+    benchmark.pedantic(step, rounds=10 if device.type == "cuda" else 2, warmup_rounds=1)
+    params = sum(p.numel() for p in model.parameters())
+    record(benchmark, device, flops=6 * params * batch * (model.patch_embed.num_patches + model.num_prefix_tokens),
+           bytes_moved=16 * params, model=name, variant=variant, batch=batch, img_size=img_size, label=label,
+           images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None)

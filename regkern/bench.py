@@ -1,0 +1,206 @@
+"""``regkern bench``: run the benchmark suite (``benchmarks/``, pytest-benchmark) and summarise it.
+
+Writes, under ``--out``: ``results.json`` (pytest-benchmark's raw results, every case's ``extra_info``),
+``report.json`` and ``report.md`` (a table per shape and pass: median, TFLOP/s, % of the matmul and copy ceilings
+measured in the same run, speedup against the best peer, peak memory; the performance targets of the Triton-attention
+and monitoring issues marked met / not met / not measured), and ``speedup.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["add_bench_arguments", "run_bench", "summarize", "format_markdown", "PEERS"]
+
+#: contenders that count as "the best peer" (the other non-regkern ones are feature baselines)
+PEERS = ("timm", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers", "flex")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default: %(default)s)")
+    p.add_argument("-k", dest="select", default=None, help="pytest -k expression selecting benchmark cases")
+    p.add_argument("--benchmarks", type=Path, default=None,
+                   help="the suite's folder (default: benchmarks/ of this checkout or the current directory)")
+
+
+def _locate_suite(given: Optional[Path]) -> Path:
+    candidates = [given] if given else [Path(__file__).resolve().parents[1] / "benchmarks", Path.cwd() / "benchmarks"]
+    for c in candidates:
+        if c is not None and (c / "conftest.py").is_file():
+            return c
+    raise FileNotFoundError("--benchmarks: no benchmark suite found (run from a regkern checkout or pass --benchmarks)")
+
+
+def _cases(results: dict) -> List[dict]:
+    cases = []
+    for b in results.get("benchmarks", []):
+        info = dict(b.get("extra_info", {}))
+        info["name"] = b.get("name")
+        info["median_s"] = b.get("stats", {}).get("median", info.get("median_s"))
+        cases.append(info)
+    return cases
+
+
+def _target(description: str, value: Optional[float], ok: Optional[bool], unit: str = "") -> Dict[str, object]:
+    status = "not measured" if ok is None else ("met" if ok else "not met")
+    return {"target": description, "value": None if value is None else round(value, 4), "unit": unit,
+            "status": status}
+
+
+def summarize(results: dict) -> Dict[str, object]:
+    """Turn pytest-benchmark JSON into tables (speedups vs the best peer, % of ceilings) and target verdicts."""
+    cases = _cases(results)
+    ops = [c for c in cases if "contender" in c]
+    groups: Dict[tuple, List[dict]] = {}
+    for c in ops:
+        groups.setdefault((c["shape"], c["mode"]), []).append(c)
+    tables = []
+    for (shape, mode), entries in sorted(groups.items()):
+        peers = [e for e in entries if e["contender"] in PEERS]
+        best = min(peers, key=lambda e: e["median_s"]) if peers else None
+        rows = []
+        for e in sorted(entries, key=lambda e: e["median_s"]):
+            rows.append({
+                "contender": e["contender"], "median_ms": 1e3 * e["median_s"], "tflops": e.get("tflops"),
+                "pct_matmul": e.get("pct_matmul"), "pct_bandwidth": e.get("pct_bandwidth"),
+                "speedup_vs_best_peer": (best["median_s"] / e["median_s"]) if best else None,
+                "peak_memory_mb": (e["peak_memory_bytes"] / 2**20) if e.get("peak_memory_bytes") else None,
+            })
+        tables.append({"shape": shape, "mode": mode, "best_peer": best["contender"] if best else None, "rows": rows})
+    models = [{"model": c.get("model"), "variant": c.get("variant"), "test": c["name"].split("[")[0],
+               "images_per_s": (c["batch"] / c["median_s"]) if c.get("batch") and c.get("median_s") else None}
+              for c in cases if "model" in c]
+
+    def find(shape, mode, contender):
+        for c in ops:
+            if (c["shape"], c["mode"], c["contender"]) == (shape, mode, contender):
+                return c
+        return None
+
+    gpu = any(c.get("device") not in (None, "cpu") for c in cases)
+
+    def ratio(a, b):
+        return a["median_s"] / b["median_s"] if a and b else None
+
+    def verdict(value, good):
+        return None if value is None or not gpu else good(value)
+
+    b = "vitb14reg4-224"
+    triton_b = find(b, "fwd", "regkern-triton")
+    floor = (triton_b["bytes"] / triton_b["copy_bandwidth"]) if triton_b else None
+    to_floor = (triton_b["median_s"] / floor) if triton_b and floor else None
+    vs_timm = ratio(find(b, "fwd", "timm"), triton_b)
+    l_tflops = (find("vitl14reg4-518", "fwd", "regkern-triton") or {}).get("tflops")
+    kv_cost = ratio(find(b, "fwd", "regkern-triton-R16"), triton_b)
+    bwd = ratio(find(b, "fwd+bwd", "regkern-triton"), find(b, "fwd+bwd", "sdpa-flash"))
+    out_norm = ratio(find(b, "fwd", "regkern-triton-outnorm"), triton_b)
+    prefix = ratio(find(b, "fwd", "regkern-triton-monitor"), triton_b)
+    received = ratio(find(b, "fwd", "regkern-triton-monitor-received"), triton_b)
+    l = "vitl14reg4-518"
+    maps_speedup = ratio(find(l, "fwd", "timm-maps"), find(l, "fwd", "regkern-triton-monitor-received"))
+    targets = [
+        _target("ViT-B/14-reg4 224px fwd: time / memory floor <= 1.4", to_floor, verdict(to_floor, lambda v: v <= 1.4)),
+        _target("ViT-B/14-reg4 224px fwd: speedup over timm's path >= 1.5", vs_timm, verdict(vs_timm, lambda v: v >= 1.5),
+                "x"),
+        _target("ViT-L/14-reg4 518px fwd: >= 400 TFLOP/s", l_tflops, verdict(l_tflops, lambda v: v >= 400), "TFLOP/s"),
+        _target("KV registers R=16 cost <= 3% (time ratio <= 1.03)", kv_cost, verdict(kv_cost, lambda v: v <= 1.03)),
+        _target("fwd+bwd time <= SDPA flash fwd+bwd", bwd, verdict(bwd, lambda v: v <= 1.0)),
+        _target("out_norm epilogue <= 5% (time ratio <= 1.05)", out_norm, verdict(out_norm, lambda v: v <= 1.05)),
+        _target("out_norm + prefix_rows <= 10% (time ratio <= 1.10)", prefix, verdict(prefix, lambda v: v <= 1.10)),
+        _target("+ received <= 1.7x", received, verdict(received, lambda v: v <= 1.7)),
+        _target("N=1374: monitored fused path >= 5x faster than timm unfused + reductions", maps_speedup,
+                verdict(maps_speedup, lambda v: v >= 5), "x"),
+    ]
+    env = next((c for c in cases if "device" in c), {})
+    environment = {k: env.get(k) for k in ("device", "torch", "triton", "cuda", "cudnn", "regkern", "commit")}
+    environment["date"] = results.get("datetime") or datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return {"environment": environment, "gpu": gpu, "tables": tables, "models": models, "targets": targets}
+
+
+def _fmt(value, spec=".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_markdown(summary: Dict[str, object]) -> str:
+    env = summary["environment"]
+    lines = [f"# regkern benchmark results ({env.get('device')})", "",
+             f"device {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"
+             f", cuDNN {env.get('cudnn')}; regkern {env.get('regkern')} at commit {env.get('commit')}; "
+             f"{env.get('date')}.", ""]
+    if not summary["gpu"]:
+        lines += ["No GPU: tiny CPU shapes that only show the suite runs; no speed claims.", ""]
+    for table in summary["tables"]:
+        lines += [f"## {table['shape']}, {table['mode']} (best peer: {table['best_peer']})", "",
+                  "| contender | median ms | TFLOP/s | % matmul | % copy bw | vs best peer | peak MB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in table["rows"]:
+            lines.append(f"| {r['contender']} | {_fmt(r['median_ms'], '.3f')} | {_fmt(r['tflops'], '.1f')} | "
+                         f"{_fmt(r['pct_matmul'], '.1f')} | {_fmt(r['pct_bandwidth'], '.1f')} | "
+                         f"{_fmt(r['speedup_vs_best_peer'])}x | {_fmt(r['peak_memory_mb'], '.0f')} |")
+        lines.append("")
+    if summary["models"]:
+        lines += ["## Models", "", "| test | model | variant | images/s |", "| --- | --- | --- | ---: |"]
+        for m in summary["models"]:
+            lines.append(f"| {m['test']} | {m['model']} | {m['variant']} | {_fmt(m['images_per_s'], '.1f')} |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | value | status |", "| --- | ---: | --- |"]
+    for t in summary["targets"]:
+        lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} {t['unit']} | {t['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(summary: Dict[str, object], path: Path) -> None:
+    """Bar chart: each contender's speedup over the best peer, per shape and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = summary["tables"]
+    fig, axes = plt.subplots(1, max(1, len(tables)), figsize=(4 * max(1, len(tables)), 3.6), squeeze=False)
+    for ax, table in zip(axes[0], tables):
+        rows = [r for r in table["rows"] if r["speedup_vs_best_peer"] is not None]
+        ax.barh([r["contender"] for r in rows], [r["speedup_vs_best_peer"] for r in rows],
+                color=["tab:orange" if r["contender"].startswith("regkern") else "tab:gray" for r in rows])
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_title(f"{table['shape']} {table['mode']}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("speedup vs best peer", fontsize=8)
+    fig.suptitle(f"regkern benchmarks on {summary['environment'].get('device')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> Dict[str, object]:
+    import pytest
+
+    suite = _locate_suite(args.benchmarks)
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "results.json"
+    pytest_args = [str(suite), "--benchmark-only", f"--benchmark-json={raw}", "-q", "-p", "no:cacheprovider",
+                   f"--rootdir={suite.parent}"]
+    if args.select:
+        pytest_args += ["-k", args.select]
+    code = pytest.main(pytest_args)
+    if code not in (0, 5) or not raw.is_file():
+        raise ValueError(f"the benchmark suite failed (pytest exit code {int(code)})")
+    summary = summarize(json.loads(raw.read_text()))
+    (args.out / "report.json").write_text(json.dumps(summary, indent=2))
+    markdown = format_markdown(summary)
+    (args.out / "report.md").write_text(markdown)
+    plot_speedups(summary, args.out / "speedup.png")
+    out(markdown)
+    out(f"written: {raw}, {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'speedup.png'}")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="regkern bench")
+    add_bench_arguments(parser)
+    run_bench(parser.parse_args(argv))
+    return 0
