@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["regkern", "regkern.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.3", "triton", "timm>=1.0.20", "torchvision", "numpy", "ninja", "safetensors", "matplotlib"],
+    install_requires=["torch>=2.3", "triton", "timm>=1.0.20", "torchvision", "numpy", "ninja", "safetensors", "matplotlib", "tqdm"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "xformers": ["xformers"],

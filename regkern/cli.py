@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run the benchmark suite, print speedups and targets, write JSON, markdown and a PNG plot"
     )
     add_bench_arguments(bench)
+    from .inspect_cli import add_inspect_arguments
+
+    inspect = commands.add_parser(
+        "inspect", help="run a patched, monitored ViT over images; write norm tables, histograms, norm and attention maps"
+    )
+    add_inspect_arguments(inspect)
     return parser
 
 
@@ -43,6 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .bench import run_bench
 
             run_bench(args)
+        elif args.command == "inspect":
+            from .inspect_cli import run_inspect
+
+            run_inspect(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"regkern {args.command}: error: {err}", file=sys.stderr)
         return 2

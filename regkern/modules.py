@@ -101,6 +101,21 @@ class _RegisterAttentionBase(nn.Module):
         self.train(attn.training)
         return self
 
+    def add_kv_registers(self, num: int, std: float = 0.02) -> None:
+        """Give a module without KV-only registers ``num`` of them (parameters ``reg_k``/``reg_v``, (num, H, d),
+        truncated normal init on the module's device and dtype). Re-chooses the backend once."""
+        if self.reg_k is not None:
+            raise ValueError(f"num: the module already has {self.num_kv_registers} KV registers")
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"num: expected an int >= 1, got {num!r}")
+        p = self._reference_param()
+        shape = (num, self.num_heads, self.head_dim)
+        self.reg_k = nn.Parameter(torch.empty(shape, device=p.device, dtype=p.dtype))
+        self.reg_v = nn.Parameter(torch.empty(shape, device=p.device, dtype=p.dtype))
+        self.num_kv_registers = num
+        self.reset_kv_registers(std)
+        self._choose_backend()
+
     def reset_kv_registers(self, std: float = 0.02) -> None:
         """Re-initialise the KV-only registers (truncated normal, like timm's token init)."""
         if self.reg_k is not None:

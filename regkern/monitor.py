@@ -169,6 +169,8 @@ class NormMonitor:
         self.share_sum = torch.zeros(L, len(ATTENTION_GROUPS), dtype=torch.float64, device=device)
         self.share_count = torch.zeros(L, dtype=torch.int64, device=device)
         self.last_prefix_rows: Dict[int, torch.Tensor] = {}
+        #: the last batch's token norms (B, N) entering each block (references, no copies)
+        self.last_norms: Dict[int, torch.Tensor] = {}
         self.enabled = False
         if enabled:
             self.enable()
@@ -181,6 +183,7 @@ class NormMonitor:
     @torch.no_grad()
     def _record_norms(self, layer: int, norms: torch.Tensor) -> None:
         norms = norms.reshape(norms.shape[0], -1).float()  # (B, N)
+        self.last_norms[layer] = norms
         patches = norms[:, self.num_prefix:]
         threshold = self.threshold if self.relative is None else self.relative * patches.median()
         for g, part in enumerate(self._group_slices(norms.shape[1])):
@@ -284,6 +287,22 @@ class NormMonitor:
                      else f"> {self.threshold:g}")
         return NormReport(threshold, [float(e) for e in self.bin_edges], rows, top, share)
 
+    def _grid(self, num_patches: int) -> Tuple[int, int]:
+        if len(self.grid_size) == 2 and self.grid_size[0] * self.grid_size[1] == num_patches:
+            return tuple(self.grid_size)
+        side = int(round(math.sqrt(num_patches)))
+        if side * side != num_patches:
+            raise ValueError(f"{num_patches} patch tokens do not form the model's grid {self.grid_size}")
+        return side, side
+
+    def norm_maps(self, layer: int = -1) -> torch.Tensor:
+        """The last batch's patch-token norms entering block ``layer`` on the patch grid: (B, grid_h, grid_w)."""
+        layer = range(len(self.blocks))[layer]
+        if layer not in self.last_norms:
+            raise ValueError(f"layer: no norms recorded for layer {layer} yet (run a forward while enabled)")
+        patches = self.last_norms[layer][:, self.num_prefix:]
+        return patches.reshape(patches.shape[0], *self._grid(patches.shape[1]))
+
     def attention_maps(self, layer: int = -1) -> torch.Tensor:
         """The last batch's attention of the prefix queries (CLS, registers) over the patch tokens of ``layer``,
         reshaped to the patch grid: (B, H, P, grid_h, grid_w) float32."""
@@ -295,14 +314,7 @@ class NormMonitor:
         rows = self.last_prefix_rows[layer]
         R = self.attentions[layer].num_kv_registers
         patches = rows[..., R + self.num_prefix:]
-        M = patches.shape[-1]
-        grid = self.grid_size if len(self.grid_size) == 2 and self.grid_size[0] * self.grid_size[1] == M else None
-        if grid is None:
-            side = int(round(math.sqrt(M)))
-            if side * side != M:
-                raise ValueError(f"attention_maps: {M} patch tokens do not form the model's grid {self.grid_size}")
-            grid = (side, side)
-        return patches.reshape(*patches.shape[:-1], *grid)
+        return patches.reshape(*patches.shape[:-1], *self._grid(patches.shape[-1]))
 
 
 class _LayerSink:
