@@ -10,6 +10,8 @@ Public API (see README.md):
     RegisterEvaAttention    drop-in for timm's EvaAttention (RoPE on patch tokens)
     patch_timm / unpatch_timm / explain / get_monitor
     NormMonitor             residual-norm and attention statistics of a patched ViT, on the device
+    add_registers / register_parameters / freeze_all_but_registers   registers for a model that has none
+    find_register_neurons / apply_test_time_registers   test-time registers (Jiang et al., 2025)
 
 Importing regkern never touches a GPU, xformers or a compiled extension.
 """
@@ -23,6 +25,13 @@ from .patching import explain, get_monitor, patch_timm, unpatch_timm
 from .layer_norm_op import layer_norm_with_norms
 from .monitored_layer_norm import MonitoredLayerNorm
 from .reference import STAT_NAMES, AttentionStats, embed_tokens
+from .registers import add_registers, freeze_all_but_registers, register_parameters
+from .test_time_registers import (
+    RegisterNeurons,
+    TestTimeRegisters,
+    apply_test_time_registers,
+    find_register_neurons,
+)
 
 __version__ = "0.1.0"
 
@@ -42,6 +51,13 @@ __all__ = [
     "get_monitor",
     "NormMonitor",
     "MonitoredLayerNorm",
+    "add_registers",
+    "register_parameters",
+    "freeze_all_but_registers",
+    "find_register_neurons",
+    "apply_test_time_registers",
+    "RegisterNeurons",
+    "TestTimeRegisters",
     "NormReport",
     "BACKENDS",
     "AUTO_ORDER",

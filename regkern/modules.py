@@ -105,7 +105,7 @@ class _RegisterAttentionBase(nn.Module):
         """Give a module without KV-only registers ``num`` of them (parameters ``reg_k``/``reg_v``, (num, H, d),
         truncated normal init on the module's device and dtype). Re-chooses the backend once."""
         if self.reg_k is not None:
-            raise ValueError(f"num: the module already has {self.num_kv_registers} KV registers")
+            raise ValueError(f"module: already has {self.num_kv_registers} KV registers (add them once)")
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"num: expected an int >= 1, got {num!r}")
         p = self._reference_param()

@@ -168,6 +168,7 @@ def _add_token_registers(model: nn.Module, num: int, std: float) -> None:
             rows = torch.cat([pos_old[:, :old_prefix], zeros, pos_old[:, old_prefix:]], dim=1)
             model.pos_embed = nn.Parameter(rows, requires_grad=pos_old.requires_grad)
 
+    _reorder_like_timm(model)
     model.num_prefix_tokens = old_prefix + num
     if hasattr(model, "num_reg_tokens"):  # VisionTransformer (Eva has no such attribute)
         model.num_reg_tokens = int(model.num_reg_tokens) + num
@@ -178,11 +179,27 @@ def _add_token_registers(model: nn.Module, num: int, std: float) -> None:
             obj.num_prefix_tokens = old_prefix + num
 
 
+def _reorder_like_timm(model: nn.Module) -> None:
+    """A newly registered ``reg_token`` goes where timm's constructor puts it (after ``cls_token``, before
+    ``pos_embed``), so the state_dict key order equals that of the model timm builds with the registers."""
+    params = model._parameters
+    if "reg_token" not in params:
+        return
+    order = [k for k in params if k != "reg_token"]
+    at = order.index("cls_token") + 1 if "cls_token" in order else 0
+    order.insert(at, "reg_token")
+    if order != list(params):
+        items = [(k, params[k]) for k in order]
+        params.clear()
+        params.update(items)
+
+
 # ------------------------------------------------------------------------------------------------ kv
 
 
 def _add_kv_registers(model: nn.Module, num: int, std: float) -> None:
-    already = [name for name, m in model.named_modules() if isinstance(m, _RegisterAttentionBase) and m.num_kv_registers]
+    already = [name for name, m in model.named_modules()
+               if isinstance(m, _RegisterAttentionBase) and m.num_kv_registers]
     if already:
         raise ValueError(f"model: attention modules already have KV registers ({', '.join(already[:3])}"
                          f"{', ...' if len(already) > 3 else ''}); KV registers can be added once")
