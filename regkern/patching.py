@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .modules import RegisterEvaAttention, RegisterViTAttention, _RegisterAttentionBase
 
-__all__ = ["patch_timm", "unpatch_timm", "get_monitor", "explain", "supported_attention_classes"]
+__all__ = ["patch_timm", "unpatch_timm", "get_monitor", "explain", "supported_attention_classes", "prefix_counters"]
 
 _ORIGINAL = "_regkern_original"
 _MONITOR = "_regkern_monitor"
@@ -149,3 +149,25 @@ def explain(module_or_model: nn.Module) -> str:
     if not lines:
         return "no regkern attention modules (call regkern.patch_timm(model) first)"
     return "\n".join(lines)
+
+
+def prefix_counters(root: nn.Module) -> List[object]:
+    """Every object under ``root`` (``root`` itself excluded) with an int ``num_prefix_tokens``: submodules (regkern
+    and timm attention layers, patch dropout, ...) and the original timm modules that patched regkern modules keep for
+    ``unpatch_timm`` (not submodules, so not in ``modules()``). Code that changes the number of prefix tokens updates
+    them all."""
+    found, seen = [], {id(root)}
+    for module in root.modules():
+        candidates = [module]
+        if isinstance(module, _RegisterAttentionBase):
+            original = module.__dict__.get(_ORIGINAL)
+            if isinstance(original, nn.Module):
+                candidates.extend(original.modules())
+        for obj in candidates:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            value = getattr(obj, "num_prefix_tokens", None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                found.append(obj)
+    return found

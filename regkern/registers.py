@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .modules import _RegisterAttentionBase
-from .patching import _ORIGINAL, get_monitor, patch_timm, supported_attention_classes
+from .patching import get_monitor, patch_timm, prefix_counters, supported_attention_classes
 
 __all__ = ["add_registers", "register_parameters", "freeze_all_but_registers", "REGISTER_PARAMETER_NAMES"]
 
@@ -106,22 +106,8 @@ def _token_model_base(model: nn.Module) -> type:
 
 
 def _prefix_counters(model: nn.Module):
-    """Every object besides ``model`` with an int ``num_prefix_tokens``: submodules, and the original timm modules
-    that patched regkern modules keep for ``unpatch_timm`` (not submodules, so not in ``modules()``)."""
-    seen = {id(model)}
-    for module in model.modules():
-        candidates = [module]
-        if isinstance(module, _RegisterAttentionBase):
-            original = module.__dict__.get(_ORIGINAL)
-            if original is not None:
-                candidates.extend(original.modules())
-        for obj in candidates:
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            value = getattr(obj, "num_prefix_tokens", None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                yield obj
+    """Every object besides ``model`` with an int ``num_prefix_tokens`` (see ``patching.prefix_counters``)."""
+    return prefix_counters(model)
 
 
 def _add_token_registers(model: nn.Module, num: int, std: float) -> None:

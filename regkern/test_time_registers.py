@@ -25,8 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 import torch.nn as nn
 
-from .modules import _RegisterAttentionBase
-from .patching import _ORIGINAL, get_monitor
+from .patching import get_monitor, prefix_counters
 
 __all__ = ["RegisterNeurons", "TestTimeRegisters", "find_register_neurons", "apply_test_time_registers"]
 
@@ -82,21 +81,7 @@ def _prefix_counters(model: nn.Module) -> List[object]:
     layers that see the token sequence with the extra tokens), and the original timm modules that patched regkern
     modules keep for ``unpatch_timm`` (not submodules). Modules before the blocks (patch dropout) are left alone:
     the extra tokens are inserted after them."""
-    found, seen = [], set()
-    for module in model.blocks.modules():
-        candidates = [module]
-        if isinstance(module, _RegisterAttentionBase):
-            original = module.__dict__.get(_ORIGINAL)
-            if isinstance(original, nn.Module):
-                candidates.extend(original.modules())
-        for obj in candidates:
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            value = getattr(obj, "num_prefix_tokens", None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                found.append(obj)
-    return found
+    return prefix_counters(model.blocks)
 
 
 class _StopForward(Exception):

@@ -1,5 +1,6 @@
-"""Input builders shared by the tests."""
+"""Input builders and fixtures shared by the tests."""
 
+import pytest
 import torch
 
 
@@ -36,3 +37,22 @@ def eager_attention(q, k, v, reg_k=None, reg_v=None, scale=None):
 
 def max_error(x, ref):
     return (x.float() - ref.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run a handful of tokens: one thread is fastest and avoids OpenMP spin contention that makes every
+    small op take milliseconds when other processes share the two cores. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Make every parameter non-trivial (random init leaves exact zeros/ones and 1e-5 layer scales)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model

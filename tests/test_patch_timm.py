@@ -18,6 +18,9 @@ from timm.models.eva import EvaAttention
 
 import regkern
 from regkern import RegisterEvaAttention, RegisterViTAttention, explain, patch_timm, unpatch_timm
+from tests.helpers import one_thread, perturb_  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = [
     "vit_small_patch14_reg4_dinov2",  # VisionTransformer, CLS + 4 registers, patch 14
@@ -33,25 +36,6 @@ TIMM_ATTN = (Attention, EvaAttention)
 REGKERN_ATTN = (RegisterViTAttention, RegisterEvaAttention)
 OUT_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models run a handful of tokens: one thread is fastest, and it avoids OpenMP spin contention that
-    makes every tiny op take milliseconds when other processes share the two cores. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def perturb_(model: nn.Module, seed: int) -> nn.Module:
-    # random init leaves some tensors at exact zeros/ones (Eva q/v biases, ...): make every parameter non-trivial
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

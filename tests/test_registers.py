@@ -27,6 +27,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from regkern import RegisterEvaAttention, RegisterViTAttention, patch_timm, unpatch_timm
 from regkern.registers import add_registers, freeze_all_but_registers, register_parameters
+from tests.helpers import one_thread, perturb_  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMG = 32  # patch 14 -> 2x2 grid, patch 16 -> 2x2 grid
 DEPTH = 2
@@ -75,24 +78,6 @@ SPECS = [
          dict(use_abs_pos_emb=True, no_embed_class=False)),
 ]
 SPEC_IDS = [s.id for s in SPECS]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest and avoids OpenMP contention on shared cores. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def perturb_(model: nn.Module, seed: int) -> nn.Module:
-    # random init leaves exact zeros/ones and 1e-5 layer scales: make every parameter non-trivial
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
 
 
 @pytest.fixture(scope="module", params=SPECS, ids=SPEC_IDS)
