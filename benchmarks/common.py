@@ -5,6 +5,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,6 +38,8 @@ def environment(device_type: str) -> dict:
     cuda = device_type == "cuda"
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        # the dispatch table (regkern/dispatch_table.py) keys its entries by compute capability
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -44,6 +47,30 @@ def environment(device_type: str) -> dict:
         "regkern": regkern.__version__,
         "commit": commit,
     }
+
+
+def cuda_backend_unavailable(device: torch.device) -> Optional[str]:
+    """Why regkern's CUDA backend cannot be benchmarked on ``device``; None when it can.
+
+    Imported lazily and probed with getattr: the suite must collect and skip in checkouts and on machines without
+    the extension."""
+    if device.type != "cuda":
+        return "the regkern CUDA backend needs a CUDA GPU"
+    try:
+        from regkern import cuda_ext
+    except (ImportError, OSError) as err:
+        return f"regkern.cuda_ext cannot be imported ({err})"
+    available = getattr(cuda_ext, "available", None)
+    if available is None:
+        return "regkern.cuda_ext has no available() (the CUDA backend is not in this checkout)"
+    if not available():
+        why = getattr(cuda_ext, "why_unavailable", None)
+        return "the regkern CUDA extension is unavailable: " + (why() if why is not None else "no reason given")
+    # an extension built without nvcc registers its ops but has no kernels to time
+    status = getattr(cuda_ext, "status", lambda: None)()
+    if status is not None and getattr(status, "with_cuda", True) is False:
+        return "the regkern CUDA extension was built without its CUDA kernels"
+    return None
 
 
 def _median_seconds(fn, device, repeats):

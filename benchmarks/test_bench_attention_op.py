@@ -13,7 +13,9 @@ Contenders (each doing the same job):
                        without regkern)
     timm-maps          timm's unfused attention plus the reductions the monitor gives (prefix rows, column sums,
                        out norms): the attention-map feature without regkern
-(The CUDA backend's contenders join when it exists.)
+    regkern-cuda       the CUDA backend's forward (regkern._C; its backward runs the Triton backward kernels); -R4
+                       with KV-only registers, -outnorm with the out_norm epilogue. Skipped unless the extension is
+                       built and loads (``regkern.cuda_ext.available()``)
 
 GPU: ViT-S/16, ViT-B/14-reg4, ViT-L/14-reg4, ViT-g/14-reg4 shapes in bf16. CPU: one tiny shape with the contenders
 that run there. ``pytest benchmarks --benchmark-only``; ``python -m regkern bench`` runs and summarises the suite.
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import regkern
-from benchmarks.common import on_gpu, record, sync
+from benchmarks.common import cuda_backend_unavailable, on_gpu, record, sync
 
 # (id, B, N, H, P) with d = 64
 GPU_SHAPES = [
@@ -123,6 +125,9 @@ CONTENDERS = {
     "regkern-triton-outnorm": (regkern_path("triton", ("out_norm",)), 0, True),
     "regkern-triton-monitor": (regkern_path("triton", ("out_norm", "prefix_rows")), 0, True),
     "regkern-triton-monitor-received": (regkern_path("triton", ("out_norm", "prefix_rows", "received")), 0, True),
+    "regkern-cuda": (regkern_path("cuda"), 0, True),
+    "regkern-cuda-R4": (regkern_path("cuda"), 4, True),
+    "regkern-cuda-outnorm": (regkern_path("cuda", ("out_norm",)), 0, True),
     "naive-registers": (naive_registers, 4, False),
     "timm-maps": (timm_maps, 0, False),
 }
@@ -138,6 +143,10 @@ def test_attention_op(benchmark, device, shape, contender, mode):
         pytest.skip(f"{contender} needs a CUDA GPU")
     if contender == "xformers":
         pytest.importorskip("xformers.ops")
+    if contender.startswith("regkern-cuda"):
+        reason = cuda_backend_unavailable(device)
+        if reason:
+            pytest.skip(f"{contender}: {reason}")
     if ("monitor" in contender or "outnorm" in contender) and mode != "fwd":
         pytest.skip("monitoring statistics are an inference feature (forward only)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -173,5 +182,5 @@ def test_attention_op(benchmark, device, shape, contender, mode):
     flops = 4 * B * H * N * (N + R) * D * passes
     element = qkv.element_size()
     bytes_moved = (B * N * 3 * H * D + B * N * H * D) * element * (1 if mode == "fwd" else 3)
-    record(benchmark, device, flops, bytes_moved, shape=name, B=B, N=N, H=H, d=D, R=R, P=P, mode=mode,
-           contender=contender, dtype=str(dtype), peak_memory_bytes=peak)
+    record(benchmark, device, flops, bytes_moved, op="attention", shape=name, B=B, N=N, H=H, d=D, R=R, P=P,
+           mode=mode, contender=contender, dtype=str(dtype), peak_memory_bytes=peak)

@@ -5,6 +5,9 @@ an ``AttentionRequest`` (static facts: device, dtype, head dim, requested statis
 inside a forward, so the choice is stable under ``torch.compile`` and CUDA-graph capture.
 
 Backends, in the order ``"auto"`` tries them:
+    cuda       hand-written CUDA kernels from csrc/ (extension ``regkern._C``, see ``regkern.cuda_ext``): tried first
+               only where the measured dispatch table (``regkern.dispatch_table``) says it beats Triton for the
+               GPU, dtype, head dim and sequence length; forward on tensor cores, backward by the Triton kernels.
     triton     fused Triton kernels (``regkern.attention_triton``): registers and prefix as their own KV segment,
                forward + backward, LSE. CUDA tensors; CPU tensors only when named explicitly under TRITON_INTERPRET=1.
     torch      PyTorch ``scaled_dot_product_attention`` with registers concatenated to the keys; statistics, when
@@ -47,10 +50,22 @@ class AttentionRequest:
     stats: FrozenSet[str] = frozenset()
     has_mask: bool = False
     dropout: bool = False
+    #: (major, minor) compute capability of the CUDA device; None elsewhere (the dispatch table is keyed on it)
+    capability: Optional[Tuple[int, int]] = None
+    #: sequence length N when known (functional calls; modules of patched models with a fixed image size)
+    seq_len: Optional[int] = None
 
     @classmethod
     def from_tensors(cls, q: torch.Tensor, stats=(), attn_mask=None, dropout_p: float = 0.0) -> "AttentionRequest":
-        return cls(q.device.type, q.dtype, q.shape[-1], frozenset(stats), attn_mask is not None, dropout_p > 0)
+        return cls(q.device.type, q.dtype, q.shape[-1], frozenset(stats), attn_mask is not None, dropout_p > 0,
+                   device_capability(q.device), q.shape[1])
+
+
+def device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """Compute capability of a CUDA device (a query made when a backend is chosen, never at import)."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 class AttentionBackend:
@@ -186,10 +201,70 @@ class TritonBackend(AttentionBackend):
                          tuple(return_stats))
 
 
-BACKENDS: Dict[str, AttentionBackend] = {b.name: b for b in (TritonBackend(), TorchBackend(), ReferenceBackend())}
+class CudaBackend(AttentionBackend):
+    name = "cuda"
+    description = ("hand-written CUDA kernels (csrc/, mma.sync tensor cores): registers and prefix as their own KV "
+                   "segment, out_norm epilogue; backward by the Triton kernels")
+    auto_device_types = ("cuda",)
+    cuda_dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    stats = frozenset(("lse", "out_norm"))
 
-#: The order in which ``"auto"`` tries backends; the first that supports the request wins.
+    def not_supported_reasons(self, request: AttentionRequest) -> List[str]:
+        reasons = []
+        if request.device_type == "cuda":
+            if request.dtype not in self.cuda_dtypes:
+                reasons.append(f"dtype {request.dtype} is not supported by the CUDA kernel (float16, bfloat16; "
+                               "the backend is chosen from the parameters' dtype, so autocast is not seen)")
+            if request.head_dim not in self.head_dims:
+                reasons.append(f"head_dim {request.head_dim} is not supported by the CUDA kernel (64, 128)")
+        elif request.device_type != "cpu":
+            reasons.append(f"device type {request.device_type!r} is not supported (CUDA; CPU runs the extension's "
+                           "C++ reference implementation)")
+        elif request.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reasons.append(f"dtype {request.dtype} is not supported (float16, bfloat16, float32 on the CPU)")
+        if request.has_mask:
+            reasons.append("attn_mask is not supported by the CUDA kernel")
+        if request.dropout:
+            reasons.append("attention dropout is not supported by the CUDA kernel")
+        missing = sorted(set(request.stats) - self.stats)
+        if missing:
+            reasons.append(f"statistics {', '.join(missing)} are not computed by the CUDA kernel (triton computes "
+                           "them)")
+        from . import cuda_ext
+
+        status = cuda_ext.load(build=not reasons)  # no just-in-time build for a call it could not serve anyway
+        if not status.loaded:
+            reasons.append(f"the CUDA extension is not available: {status.reason}")
+        elif request.device_type == "cuda" and not status.with_cuda:
+            reasons.append("the CUDA extension was built without its CUDA kernels")
+        return reasons
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        want_norm = "out_norm" in return_stats
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        out, lse, out_norm = torch.ops.regkern.cuda_attention_fwd(q, k, v, reg_k, reg_v, scale, num_prefix,
+                                                                  want_norm)
+        if not return_stats:
+            return out
+        found = {"lse": lse, "out_norm": out_norm}
+        return out, reference.AttentionStats({name: found[name] for name in return_stats})
+
+
+BACKENDS: Dict[str, AttentionBackend] = {
+    b.name: b for b in (TritonBackend(), CudaBackend(), TorchBackend(), ReferenceBackend())
+}
+
+#: The order in which ``"auto"`` tries backends after the dispatch table's word on triton vs cuda; the first that
+#: supports the request wins. "cuda" is not in it: auto picks it only where the measured table says it is faster.
 AUTO_ORDER: Tuple[str, ...] = ("triton", "torch", "reference")
+
+
+def _table_choice(request: AttentionRequest) -> Tuple[str, str]:
+    """("cuda" or "triton", why) from the measured dispatch table, for CUDA requests."""
+    from . import dispatch_table
+
+    return dispatch_table.choose("attention", request.capability, request.dtype, request.head_dim, request.seq_len)
 
 
 @dataclass(frozen=True)
@@ -239,6 +314,15 @@ def resolve_backend(backend: Optional[str], request: AttentionRequest) -> Backen
             raise ValueError(f"backend {name!r} (from {source}) cannot run this call: " + "; ".join(reasons))
         return BackendChoice(chosen, f"requested by {source}")
     skipped: Dict[str, List[str]] = {}
+    if request.device_type == "cuda" and request.capability is not None:
+        preferred, why = _table_choice(request)
+        if preferred == "cuda":
+            reasons = BACKENDS["cuda"].not_supported_reasons(request)
+            if not reasons:
+                return BackendChoice(BACKENDS["cuda"], f"auto ({source}): {why}")
+            skipped["cuda"] = [why] + reasons
+        else:
+            skipped["cuda"] = [why]
     for candidate in AUTO_ORDER:
         allowed = BACKENDS[candidate].auto_device_types
         if allowed is not None and request.device_type not in allowed:

@@ -2,8 +2,10 @@
 
 Writes, under ``--out``: ``results.json`` (pytest-benchmark's raw results, every case's ``extra_info``),
 ``report.json`` and ``report.md`` (a table per shape and pass: median, TFLOP/s, % of the matmul and copy ceilings
-measured in the same run, speedup against the best peer, peak memory; the performance targets of the Triton-attention
-and monitoring issues marked met / not met / not measured), and ``speedup.png``.
+measured in the same run, speedup against the best peer, peak memory; the CUDA backend's speedup over Triton per
+shape; the performance targets of the Triton-attention, monitoring and CUDA-backend issues marked met / not met / not
+measured), and ``speedup.png``; with ``--dispatch-table PATH`` also the measured triton-vs-cuda dispatch table
+(``regkern.dispatch_table.entries_from_bench``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["add_bench_arguments", "run_bench", "summarize", "format_markdown", "PEERS"]
+__all__ = ["add_bench_arguments", "run_bench", "summarize", "cuda_vs_triton", "format_markdown", "PEERS"]
 
-#: contenders that count as "the best peer" (the other non-regkern ones are feature baselines)
-PEERS = ("timm", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers", "flex")
+#: contenders that count as "the best peer" (the other non-regkern ones are feature baselines); "torch" is the
+#: plain-PyTorch baseline of the small ops (LayerNorm + norms, token embedding)
+PEERS = ("timm", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers", "flex", "torch")
+CUDA_PREFIX = "regkern-cuda"
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +29,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression selecting benchmark cases")
     p.add_argument("--benchmarks", type=Path, default=None,
                    help="the suite's folder (default: benchmarks/ of this checkout or the current directory)")
+    p.add_argument("--dispatch-table", type=Path, default=None, metavar="PATH",
+                   help="also write the triton-vs-cuda dispatch table measured by this run to PATH "
+                        "(regkern/dispatch_table.json is the one backend='auto' reads)")
 
 
 def _locate_suite(given: Optional[Path]) -> Path:
@@ -49,6 +56,25 @@ def _target(description: str, value: Optional[float], ok: Optional[bool], unit: 
     status = "not measured" if ok is None else ("met" if ok else "not met")
     return {"target": description, "value": None if value is None else round(value, 4), "unit": unit,
             "status": status}
+
+
+def cuda_vs_triton(ops: List[dict]) -> List[Dict[str, object]]:
+    """Per shape, pass and variant: the CUDA backend's time against its Triton twin (regkern-cuda-R4 against
+    regkern-triton-R4, ...; against regkern-reference for ops without a Triton kernel). speedup > 1: CUDA faster."""
+    by_key = {(c["shape"], c["mode"], c["contender"]): c for c in ops}
+    rows = []
+    for (shape, mode, name), cuda in sorted(by_key.items()):
+        if not name.startswith(CUDA_PREFIX):
+            continue
+        suffix = name[len(CUDA_PREFIX):]
+        base = (by_key.get((shape, mode, "regkern-triton" + suffix))
+                or by_key.get((shape, mode, "regkern-reference" + suffix)))
+        if base is None or not cuda.get("median_s") or not base.get("median_s"):
+            continue
+        rows.append({"shape": shape, "mode": mode, "variant": suffix.lstrip("-") or "plain",
+                     "baseline": base["contender"], "cuda_ms": 1e3 * cuda["median_s"],
+                     "baseline_ms": 1e3 * base["median_s"], "speedup": base["median_s"] / cuda["median_s"]})
+    return rows
 
 
 def summarize(results: dict) -> Dict[str, object]:
@@ -102,6 +128,7 @@ def summarize(results: dict) -> Dict[str, object]:
     received = ratio(find(b, "fwd", "regkern-triton-monitor-received"), triton_b)
     l = "vitl14reg4-518"
     maps_speedup = ratio(find(l, "fwd", "timm-maps"), find(l, "fwd", "regkern-triton-monitor-received"))
+    cuda_b = ratio(triton_b, find(b, "fwd", "regkern-cuda"))  # speedup of cuda over triton
     targets = [
         _target("ViT-B/14-reg4 224px fwd: time / memory floor <= 1.4", to_floor, verdict(to_floor, lambda v: v <= 1.4)),
         _target("ViT-B/14-reg4 224px fwd: speedup over timm's path >= 1.5", vs_timm, verdict(vs_timm, lambda v: v >= 1.5),
@@ -114,23 +141,31 @@ def summarize(results: dict) -> Dict[str, object]:
         _target("+ received <= 1.7x", received, verdict(received, lambda v: v <= 1.7)),
         _target("N=1374: monitored fused path >= 5x faster than timm unfused + reductions", maps_speedup,
                 verdict(maps_speedup, lambda v: v >= 5), "x"),
+        _target("CUDA forward at least Triton's speed at ViT-B/14-reg4 224 px (speedup over triton >= 1.0)",
+                cuda_b, verdict(cuda_b, lambda v: v >= 1.0), "x"),
     ]
     env = next((c for c in cases if "device" in c), {})
-    environment = {k: env.get(k) for k in ("device", "torch", "triton", "cuda", "cudnn", "regkern", "commit")}
+    environment = {k: env.get(k) for k in ("device", "capability", "torch", "triton", "cuda", "cudnn", "regkern",
+                                           "commit")}
     environment["date"] = results.get("datetime") or datetime.datetime.now(datetime.timezone.utc).isoformat()
-    return {"environment": environment, "gpu": gpu, "tables": tables, "models": models, "targets": targets}
+    return {"environment": environment, "gpu": gpu, "tables": tables, "models": models,
+            "cuda_vs_triton": cuda_vs_triton(ops), "targets": targets}
 
 
 def _fmt(value, spec=".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _sm(capability) -> str:
+    return f" (sm_{capability[0]}{capability[1]})" if capability else ""
+
+
 def format_markdown(summary: Dict[str, object]) -> str:
     env = summary["environment"]
     lines = [f"# regkern benchmark results ({env.get('device')})", "",
-             f"device {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"
-             f", cuDNN {env.get('cudnn')}; regkern {env.get('regkern')} at commit {env.get('commit')}; "
-             f"{env.get('date')}.", ""]
+             f"device {env.get('device')}{_sm(env.get('capability'))}; torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}; "
+             f"regkern {env.get('regkern')} at commit {env.get('commit')}; {env.get('date')}.", ""]
     if not summary["gpu"]:
         lines += ["No GPU: tiny CPU shapes that only show the suite runs; no speed claims.", ""]
     for table in summary["tables"]:
@@ -147,6 +182,16 @@ def format_markdown(summary: Dict[str, object]) -> str:
         for m in summary["models"]:
             lines.append(f"| {m['test']} | {m['model']} | {m['variant']} | {_fmt(m['images_per_s'], '.1f')} |")
         lines.append("")
+    lines += ["## CUDA backend vs Triton", ""]
+    if summary.get("cuda_vs_triton"):
+        lines += ["| shape | pass | variant | baseline | cuda ms | baseline ms | cuda speedup |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+        for r in summary["cuda_vs_triton"]:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['variant']} | {r['baseline']} | "
+                         f"{_fmt(r['cuda_ms'], '.3f')} | {_fmt(r['baseline_ms'], '.3f')} | {_fmt(r['speedup'])}x |")
+    else:
+        lines.append("Not measured (no regkern-cuda case beside its Triton twin in this run).")
+    lines.append("")
     lines += ["## Targets", "", "| target | value | status |", "| --- | ---: | --- |"]
     for t in summary["targets"]:
         lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} {t['unit']} | {t['status']} |")
@@ -195,7 +240,16 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> D
     (args.out / "report.md").write_text(markdown)
     plot_speedups(summary, args.out / "speedup.png")
     out(markdown)
-    out(f"written: {raw}, {args.out / 'report.json'}, {args.out / 'report.md'}, {args.out / 'speedup.png'}")
+    written = [raw, args.out / "report.json", args.out / "report.md", args.out / "speedup.png"]
+    if getattr(args, "dispatch_table", None) is not None:
+        from .dispatch_table import entries_from_bench, write_table
+
+        entries = entries_from_bench(json.loads(raw.read_text()), source=str(raw))
+        written.append(write_table(entries, args.dispatch_table))
+        cuda = sum(e.backend == "cuda" for e in entries)
+        out(f"dispatch table: {len(entries)} measured entries ({cuda} choose cuda)"
+            + ("" if entries else "; none: no forward case ran both regkern-triton and regkern-cuda"))
+    out("written: " + ", ".join(str(w) for w in written))
     return summary
 
 

@@ -7,8 +7,9 @@ y has x's shape and dtype (contiguous); norms (each row's input L2 norm, an obse
 and rstd (saved for the backward) are float32 of shape x.shape[:-1]. dweight/dbias come back as empty (0,) tensors
 when weight/bias are absent (ops cannot return None).
 
-``impl`` is "triton" (``regkern.layer_norm_triton``: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or
-"reference" (PyTorch, float32 math on any device; float64 inputs are computed in float64). Being opaque ops with fake
+``impl`` is "triton" (``regkern.layer_norm_triton``: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda"
+(the extension's ``regkern::cuda_layer_norm_fwd``: its CUDA kernel, or its C++ reference on CPU tensors; the backward
+runs the Triton kernel on CUDA tensors and the reference on the CPU) or "reference" (PyTorch, float32 math on any device; float64 inputs are computed in float64). Being opaque ops with fake
 implementations and registered autograd, they compose with ``torch.compile(fullgraph=True)``. Under CUDA autocast
 the forward runs in float32, as ``F.layer_norm`` does.
 """
@@ -35,7 +36,7 @@ __all__ = [
     "BACKEND_NAMES",
 ]
 
-IMPLS = ("triton", "reference")
+IMPLS = ("triton", "cuda", "reference")
 #: names ``layer_norm_with_norms(backend=...)`` and ``MonitoredLayerNorm(backend=...)`` accept (None = "auto")
 BACKEND_NAMES = ("auto",) + IMPLS
 
@@ -102,6 +103,12 @@ def layer_norm_fwd(
             raise ValueError("impl: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before regkern's Triton "
                              "kernels are imported")
         return layer_norm_triton.layer_norm_forward(x, weight, bias, eps)
+    if impl == "cuda":
+        reasons = layer_norm_not_supported_reasons("cuda", x.device.type, x.dtype, x.shape[-1])
+        if reasons:
+            raise ValueError("impl: 'cuda' cannot run this LayerNorm: " + "; ".join(reasons))
+        y, norms, mean, rstd = torch.ops.regkern.cuda_layer_norm_fwd(x, weight, bias, float(eps))
+        return y, norms, mean, rstd
     y, norms = reference.layer_norm_with_norms(x, weight, bias, eps)
     xf = x.to(_compute_dtype(x.dtype))
     var, mean = torch.var_mean(xf, dim=-1, correction=0)
@@ -123,7 +130,7 @@ def layer_norm_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """dx (x's shape and dtype), dweight, dbias (weight/bias's shape and dtype, or (0,) when absent)."""
     _check_impl(impl)
-    if impl == "triton":
+    if impl == "triton" or (impl == "cuda" and x.is_cuda):  # the cuda backend's backward is Triton's
         from .layer_norm_triton import layer_norm_backward
 
         dx, dw, db = layer_norm_backward(dy, x, weight, bias, mean, rstd)
@@ -189,6 +196,8 @@ def layer_norm_not_supported_reasons(impl: str, device_type: str, dtype: torch.d
         return [f"dtype {dtype} is not supported (float16, bfloat16, float32, float64)"]
     if impl == "reference":
         return []
+    if impl == "cuda":
+        return _cuda_not_supported_reasons(device_type, dtype)
     try:
         from . import layer_norm_triton
     except ImportError as err:  # triton missing or broken
@@ -206,6 +215,23 @@ def layer_norm_not_supported_reasons(impl: str, device_type: str, dtype: torch.d
     return reasons
 
 
+def _cuda_not_supported_reasons(device_type: str, dtype: torch.dtype) -> List[str]:
+    reasons = []
+    if device_type == "cuda":
+        if dtype not in _TRITON_DTYPES:
+            reasons.append(f"dtype {dtype} is not supported by the CUDA kernel (float16, bfloat16, float32)")
+    elif device_type != "cpu":
+        reasons.append(f"device type {device_type!r} is not supported (CUDA; CPU runs the C++ reference)")
+    from . import cuda_ext
+
+    status = cuda_ext.load(build=not reasons)
+    if not status.loaded:
+        reasons.append(f"the CUDA extension is not available: {status.reason}")
+    elif device_type == "cuda" and not status.with_cuda:
+        reasons.append("the CUDA extension was built without its CUDA kernels")
+    return reasons
+
+
 def check_layer_norm_backend_name(backend: Optional[str]) -> str:
     """The backend name ("auto" for None); TypeError / ValueError naming ``backend`` for anything unknown."""
     if backend is not None and not isinstance(backend, str):
@@ -216,11 +242,15 @@ def check_layer_norm_backend_name(backend: Optional[str]) -> str:
     return name
 
 
-def choose_layer_norm_backend(backend: Optional[str], device_type: str, dtype: torch.dtype, C: int) -> Tuple[str, str]:
+def choose_layer_norm_backend(
+    backend: Optional[str], device_type: str, dtype: torch.dtype, C: int, device: Optional[torch.device] = None
+) -> Tuple[str, str]:
     """(impl, why): the implementation for LayerNorm over rows of C elements, chosen once.
 
-    None / "auto": "triton" for CUDA tensors it supports, else "reference" (the interpreter is never picked
-    automatically). An explicitly named backend must be able to run, else ValueError naming ``backend`` and why."""
+    None / "auto": on CUDA, "cuda" where the measured dispatch table (``regkern.dispatch_table``, keyed on the
+    device's compute capability, dtype and C) says the CUDA kernel is faster, else "triton" when it supports the
+    call; "reference" otherwise (the interpreter is never picked automatically). ``device``: the CUDA device whose
+    capability keys the table (default: the current one). An explicitly named backend must be able to run, else ValueError naming ``backend`` and why."""
     name = check_layer_norm_backend_name(backend)
     where = f"{device_type}/{str(dtype).replace('torch.', '')}"
     if name != "auto":
@@ -230,10 +260,19 @@ def choose_layer_norm_backend(backend: Optional[str], device_type: str, dtype: t
         return name, "requested by the backend argument"
     if device_type != "cuda":
         return "reference", f"auto: triton is used on cuda only (name it explicitly otherwise); {where} -> reference"
+    from . import dispatch_table
+
+    capability = tuple(torch.cuda.get_device_capability(device))  # a query when choosing, never at import
+    preferred, why = dispatch_table.choose("layer_norm", capability, dtype, C)
+    if preferred == "cuda":
+        reasons = layer_norm_not_supported_reasons("cuda", device_type, dtype, C)
+        if not reasons:
+            return "cuda", f"auto: {why}"
+        why = f"{why}, but cuda cannot run: " + "; ".join(reasons)
     reasons = layer_norm_not_supported_reasons("triton", device_type, dtype, C)
     if reasons:
-        return "reference", f"auto: triton cannot run on {where}: " + "; ".join(reasons)
-    return "triton", f"auto: first supporting backend for {where}"
+        return "reference", f"auto: triton cannot run on {where}: " + "; ".join(reasons) + f" (cuda: {why})"
+    return "triton", f"auto: first supporting backend for {where} (cuda: {why})"
 
 
 def layer_norm_with_norms(
@@ -245,9 +284,10 @@ def layer_norm_with_norms(
     not differentiable). Differentiable in x, weight and bias.
 
     Args:
-        backend: None or "auto" ("triton" for CUDA tensors, else "reference"), "triton" (CUDA, or CPU under
-            TRITON_INTERPRET=1) or "reference". ValueError when an explicitly named backend cannot run."""
+        backend: None or "auto" (on CUDA "cuda" where the measured dispatch table prefers it, else "triton";
+            "reference" elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda" (the csrc/ kernel;
+            CPU tensors run its C++ reference) or "reference". ValueError when an explicitly named backend cannot run."""
     check_layer_norm_inputs(x, weight, bias, eps)
-    impl, _ = choose_layer_norm_backend(backend, x.device.type, x.dtype, x.shape[-1])
+    impl, _ = choose_layer_norm_backend(backend, x.device.type, x.dtype, x.shape[-1], device=x.device)
     y, norms, _, _ = layer_norm_fwd(x, weight, bias, float(eps), impl)
     return y, norms

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import check_attention_inputs, run_attention
-from .backends import AttentionBackend, AttentionRequest, BackendChoice, resolve_backend
+from .backends import AttentionBackend, AttentionRequest, BackendChoice, device_capability, resolve_backend
 from .reference import apply_rope
 
 __all__ = ["RegisterViTAttention", "RegisterEvaAttention"]
@@ -75,6 +75,8 @@ class _RegisterAttentionBase(nn.Module):
             self.register_parameter("reg_k", None)
             self.register_parameter("reg_v", None)
         self.requested_backend = backend
+        # sequence length the model runs at, when fixed (patch_timm sets it): keys the measured dispatch table
+        self.expected_seq_len = None
         # statistics requested by a NormMonitor and where they go; () / None = plain attention
         self.monitor_stats = ()
         self.stats_sink = None
@@ -141,7 +143,9 @@ class _RegisterAttentionBase(nn.Module):
         p = self._reference_param()
         dropout = float(self.attn_drop.p) > 0
         stats = frozenset(getattr(self, "monitor_stats", ()))
-        request = AttentionRequest(p.device.type, p.dtype, self.head_dim, stats, False, dropout)
+        request = AttentionRequest(p.device.type, p.dtype, self.head_dim, stats, False, dropout,
+                                   capability=device_capability(p.device),
+                                   seq_len=getattr(self, "expected_seq_len", None))
         self._backend_choice = self._resolve(request)
         self._attention_backend = self._backend_choice.backend
         # calls with an attn_mask use the first backend that supports masks (identical semantics)
@@ -188,9 +192,19 @@ class _RegisterAttentionBase(nn.Module):
         self.monitor_stats, self.stats_sink = stats, sink
         self._choose_backend()
 
+    def set_expected_seq_len(self, seq_len: Optional[int]) -> None:
+        """The sequence length N this layer runs at (None: varies); auto consults the dispatch table with it.
+        Re-chooses the backend once."""
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+            raise ValueError(f"seq_len: expected None or an int >= 1, got {seq_len!r}")
+        self.expected_seq_len = seq_len
+        self._choose_backend()
+
     def set_backend(self, backend: Optional[str]) -> None:
         """Choose another backend ("auto", "torch", "reference", ...); decided now, not in forward."""
         self.requested_backend = backend
+        # sequence length the model runs at, when fixed (patch_timm sets it): keys the measured dispatch table
+        self.expected_seq_len = None
         # statistics requested by a NormMonitor and where they go; () / None = plain attention
         self.monitor_stats = ()
         self.stats_sink = None

@@ -96,11 +96,11 @@ class MonitoredLayerNorm(nn.LayerNorm):
 
     def _choose_backend(self) -> None:
         p = self.weight if self.weight is not None else self.bias
-        device_type = p.device.type if p is not None else self._default_device.type
+        device = p.device if p is not None else self._default_device
         dtype = p.dtype if p is not None else self._default_dtype
         try:
             self._impl, self._backend_reason = choose_layer_norm_backend(
-                self.requested_backend, device_type, dtype, self.normalized_shape[0])
+                self.requested_backend, device.type, dtype, self.normalized_shape[0], device=device)
             self._unavailable = ""
         except ValueError as err:
             self._impl = None
@@ -113,7 +113,8 @@ class MonitoredLayerNorm(nn.LayerNorm):
         return result
 
     def set_backend(self, backend: Optional[str]) -> None:
-        """Choose another backend (None / "auto", "triton", "reference"); decided now, not in forward."""
+        """Choose another backend (None / "auto", "triton", "cuda", "reference"); decided now, not in
+        forward."""
         check_layer_norm_backend_name(backend)  # unknown names raise here
         self.requested_backend = backend
         self._choose_backend()

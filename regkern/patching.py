@@ -84,8 +84,11 @@ def patch_timm(
             new = RegisterEvaAttention.from_timm(module, num_kv_registers=num_kv_registers, backend=backend)
         object.__setattr__(new, _ORIGINAL, module)  # plain attribute: not a submodule, not in state_dict
         replacements.append((name, new))
+    seq_len = _fixed_seq_len(model, num_prefix)
     for name, new in replacements:
         _set_child(model, name, new)
+        if seq_len is not None:
+            new.set_expected_seq_len(seq_len)
     if unsupported:
         listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
         warnings.warn(f"regkern.patch_timm: left unsupported attention modules untouched: {listed}", stacklevel=2)
@@ -97,6 +100,17 @@ def patch_timm(
         options = monitor if isinstance(monitor, dict) else {}
         object.__setattr__(model, _MONITOR, NormMonitor(model, **options))
     return model
+
+
+def _fixed_seq_len(model: nn.Module, num_prefix: int) -> Optional[int]:
+    """N of a timm ViT at its configured image size (prefix + patches), or None when it varies or is unknown."""
+    patch_embed = getattr(model, "patch_embed", None)
+    num_patches = getattr(patch_embed, "num_patches", None)
+    if getattr(model, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad", False):
+        return None
+    if isinstance(num_patches, int) and num_patches > 0:
+        return num_prefix + num_patches
+    return None
 
 
 def get_monitor(model: nn.Module):

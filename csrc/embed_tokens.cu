@@ -1,0 +1,109 @@
+// Entry embedding in one pass: [CLS, registers, patches] plus absolute position embeddings, as timm's
+// VisionTransformer._pos_embed (the prefix gets position embeddings unless no_embed_class). Every output element is
+// written once: the sum is taken in float32 and rounded once, as regkern.reference.embed_tokens does.
+#include "regkern.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace regkern {
+namespace {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+struct EmbedParams {
+  const void* x;    // (B, M, C) with strides
+  const void* pos;  // (1, M or P + M, C) contiguous rows, or nullptr
+  const void* cls;  // (C,) or nullptr
+  const void* reg;  // (R, C) contiguous, or nullptr
+  void* out;        // (B, P + M, C) contiguous
+  int64_t x_strides[3];
+  int64_t B, M, C, P;
+  bool has_cls, no_embed_class;
+};
+
+template <typename T>
+__global__ void embed_tokens_kernel(const EmbedParams p) {
+  const int64_t L = p.P + p.M;
+  const int64_t total = p.B * L * p.C;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % p.C;
+    const int64_t n = (i / p.C) % L;
+    const int64_t b = i / (p.C * L);
+    float val;
+    int64_t pos_row = n;
+    if (n < p.P) {
+      const bool is_cls = p.has_cls && n == 0;
+      const int64_t r = n - (p.has_cls ? 1 : 0);
+      val = is_cls ? to_float(static_cast<const T*>(p.cls)[c]) : to_float(static_cast<const T*>(p.reg)[r * p.C + c]);
+      if (p.no_embed_class) pos_row = -1;  // the prefix gets no position embedding
+    } else {
+      const int64_t m = n - p.P;
+      val = to_float(static_cast<const T*>(p.x)[b * p.x_strides[0] + m * p.x_strides[1] + c * p.x_strides[2]]);
+      if (p.no_embed_class) pos_row = m;
+    }
+    if (p.pos != nullptr && pos_row >= 0) val += to_float(static_cast<const T*>(p.pos)[pos_row * p.C + c]);
+    static_cast<T*>(p.out)[i] = from_float<T>(val);
+  }
+}
+
+}  // namespace
+
+at::Tensor embed_tokens_cuda(const at::Tensor& x_in, const OptTensor& pos_embed, const OptTensor& cls_token,
+                             const OptTensor& reg_token, bool no_embed_class) {
+  const EmbedShape s = check_embed_args(x_in, pos_embed, cls_token, reg_token, no_embed_class);
+  TORCH_CHECK(x_in.is_cuda(), "x: expected a CUDA tensor for the CUDA kernel, got device ", x_in.device());
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "x: the CUDA embed_tokens kernel supports float16, bfloat16 and float32, got ", dtype);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = patches_as_sequence(x_in);
+  const at::Tensor pos = pos_embed.has_value() ? pos_embed->contiguous() : at::Tensor();
+  const at::Tensor cls = cls_token.has_value() ? cls_token->contiguous() : at::Tensor();
+  const at::Tensor reg = reg_token.has_value() ? reg_token->contiguous() : at::Tensor();
+  auto out = new_output({s.B, s.P + s.M, s.C}, x.options());
+
+  EmbedParams p{};
+  p.x = x.data_ptr();
+  p.pos = pos.defined() ? pos.data_ptr() : nullptr;
+  p.cls = cls.defined() ? cls.data_ptr() : nullptr;
+  p.reg = reg.defined() ? reg.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  for (int i = 0; i < 3; ++i) p.x_strides[i] = x.stride(i);
+  p.B = s.B;
+  p.M = s.M;
+  p.C = s.C;
+  p.P = s.P;
+  p.has_cls = s.has_cls;
+  p.no_embed_class = no_embed_class;
+
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (dtype == at::kHalf) {
+    embed_tokens_kernel<__half><<<blocks, kThreads, 0, stream>>>(p);
+  } else if (dtype == at::kBFloat16) {
+    embed_tokens_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(p);
+  } else {
+    embed_tokens_kernel<float><<<blocks, kThreads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace regkern

@@ -1,0 +1,160 @@
+"""Loading the CUDA extension (csrc/): the prebuilt ``regkern._C`` or a just-in-time build, and why not.
+
+Nothing here runs at ``import regkern``: the extension is looked for the first time the "cuda" backend is asked
+about. Loading it registers the ops ``regkern::cuda_attention_fwd``, ``regkern::cuda_layer_norm_fwd`` and
+``regkern::cuda_embed_tokens`` (schemas and CPU/CUDA kernels in C++) and then their fake implementations and
+autograd (``regkern.cuda_ops``).
+
+``$REGKERN_CUDA_EXT`` picks the source:
+    auto      (default) the prebuilt ``regkern._C`` (``pip install --no-build-isolation -e .``), else a just-in-time
+              build with ``torch.utils.cpp_extension.load`` (ninja), cached under ``$REGKERN_CACHE_DIR`` (default
+              ``~/.cache/regkern``) per torch/CUDA version and source hash; it takes minutes once.
+    prebuilt  the prebuilt module only.
+    jit       always the just-in-time build (even when a prebuilt one exists).
+    off       never load it (the "cuda" backend then says so).
+The just-in-time build respects ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPU's architecture, or
+"8.0;9.0" without one), ``MAX_JOBS`` and ``CUDA_HOME``. It needs the csrc/ sources (a source checkout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["ExtensionStatus", "load", "available", "why_unavailable", "status", "SOURCES", "ENV_VAR"]
+
+ENV_VAR = "REGKERN_CUDA_EXT"
+MODES = ("auto", "prebuilt", "jit", "off")
+SOURCES = ("ops.cpp", "attention.cu", "layer_norm.cu", "embed_tokens.cu")
+JIT_NAME = "regkern_C"
+DEFAULT_ARCHS = "8.0;9.0"  # as setup.py
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    """Whether the extension is loaded, from where, whether its CUDA kernels are compiled in, and why not."""
+
+    loaded: bool
+    source: str  # "prebuilt", "jit" or "" when not loaded
+    with_cuda: bool
+    reason: str  # why it is not loaded (or, when loaded, where from)
+
+
+_lock = threading.Lock()
+_status: Optional[ExtensionStatus] = None
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"${ENV_VAR}: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _flags():
+    cxx = ["-O3", "-DREGKERN_WITH_CUDA"]
+    nvcc = ["-O3", "-lineinfo", "-DREGKERN_WITH_CUDA"]
+    return cxx, nvcc
+
+
+def _jit_build_dir(sources: List[Path]) -> Path:
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.read_bytes())
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+    digest.update(archs.encode())
+    root = Path(os.environ.get("REGKERN_CACHE_DIR", Path.home() / ".cache" / "regkern"))
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    path = root / "ext" / f"{tag}-{digest.hexdigest()[:12]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jit_load():
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is built without CUDA")
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the directory above bin/nvcc")
+    sources = [_CSRC / name for name in SOURCES]
+    missing = [str(p) for p in sources if not p.exists()]
+    if missing:
+        raise RuntimeError(f"the csrc/ sources are not here ({', '.join(missing)}): the just-in-time build needs a "
+                           "source checkout; build a wheel with the extension instead")
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS  # no GPU to ask: the default architectures
+    cxx, nvcc = _flags()
+    return cpp_extension.load(
+        name=JIT_NAME, sources=[str(p) for p in sources], extra_cflags=cxx, extra_cuda_cflags=nvcc,
+        build_directory=str(_jit_build_dir(sources)), verbose=os.environ.get("REGKERN_VERBOSE_BUILD") == "1",
+    )
+
+
+def load(build: bool = True) -> ExtensionStatus:
+    """Load the extension once (thread-safe) and return its status; never raises for a missing extension.
+
+    build: allow the just-in-time build when no prebuilt module is found (False: report it missing instead)."""
+    global _status
+    known = _status
+    if known is not None and (known.loaded or not build or known.source == "failed-jit"):
+        return known  # the common path: no lock (torch.compile traces through it)
+    with _lock:
+        if _status is not None and (_status.loaded or not build or _status.source == "failed-jit"):
+            return _status
+        mode = _mode()
+        if mode == "off":
+            _status = ExtensionStatus(False, "", False, f"${ENV_VAR}=off")
+            return _status
+        prebuilt_error = "not tried"
+        module, source = None, ""
+        if mode in ("auto", "prebuilt"):
+            try:
+                module, source = importlib.import_module("regkern._C"), "prebuilt"
+            except ImportError as err:
+                prebuilt_error = f"no prebuilt regkern._C ({err})"
+        if module is None and mode in ("auto", "jit"):
+            if not build:
+                _status = ExtensionStatus(False, "", False, f"{prebuilt_error}; just-in-time build not attempted")
+                return _status
+            try:
+                module, source = _jit_load(), "jit"
+            except Exception as err:  # compiler or toolkit problems: report, never crash the caller
+                _status = ExtensionStatus(False, "failed-jit", False,
+                                          f"{prebuilt_error}; just-in-time build failed: {err}")
+                return _status
+        if module is None:
+            _status = ExtensionStatus(False, "", False, prebuilt_error)
+            return _status
+        from . import cuda_ops
+
+        cuda_ops.register_python_parts()
+        with_cuda = bool(getattr(module, "WITH_CUDA", 0))
+        _status = ExtensionStatus(True, source, with_cuda, f"loaded ({source}, CUDA kernels "
+                                  f"{'compiled in' if with_cuda else 'absent: CPU implementations only'})")
+        return _status
+
+
+def status() -> Optional[ExtensionStatus]:
+    """The status found by the last ``load``; None before the first."""
+    return _status
+
+
+def available(build: bool = True) -> bool:
+    """True when the extension's ops are registered (loading it, and building it when ``build``, if needed)."""
+    return load(build).loaded
+
+
+def why_unavailable(build: bool = True) -> str:
+    """Why the extension is not loaded, in words ("" when it is)."""
+    s = load(build)
+    return "" if s.loaded else s.reason
