@@ -239,7 +239,7 @@ def test_bad_inputs_name_the_argument():
         with pytest.raises(error, match=message):
             layer_norm_with_norms(*args, backend="reference")
     with pytest.raises(ValueError, match="impl: expected one of"):
-        layer_norm_fwd(x, None, None, 1e-5, "cuda")
+        layer_norm_fwd(x, None, None, 1e-5, "fast")
     with pytest.raises(ValueError, match="normalized_shape: MonitoredLayerNorm normalises over the last dim only"):
         MonitoredLayerNorm((4, 8))
     with pytest.raises(ValueError, match="x: expected a last dim of 16"):
