@@ -9,13 +9,10 @@
 // stored transposed there so the P @ V operand fragments are plain 32-bit loads.
 #include "regkern.h"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda_launch.cuh"
 
 #include <cstdint>
+#include <cstring>
 
 namespace regkern {
 namespace {
@@ -34,15 +31,21 @@ struct MmaOps;
 template <>
 struct MmaOps<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &h, 4);  // a register move; no type-punned access
+    return bits;
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef REGKERN_EMULATE
+    regkern_emu::mma_m16n8k16<__half>(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ void store2(__half* dst, float lo, float hi) {
     *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
@@ -52,15 +55,21 @@ struct MmaOps<__half> {
 template <>
 struct MmaOps<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &h, 4);
+    return bits;
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef REGKERN_EMULATE
+    regkern_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ void store2(__nv_bfloat16* dst, float lo, float hi) {
     *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
@@ -82,7 +91,6 @@ struct AttentionParams {
   float scale_log2;  // scale * log2(e): scores live in the exp2 domain
 };
 
-__device__ __forceinline__ uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // Row `row` of key tile `tile` as (K row pointer, V row pointer); nullptr past the end of its segment.
 template <typename T>
@@ -112,16 +120,18 @@ __device__ __forceinline__ void key_row(const AttentionParams& p, int b, int h, 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const AttentionParams p) {
   using Ops = MmaOps<T>;
-  constexpr int kStrideD = D + kPad;       // K / Q smem row stride
-  constexpr int kStrideN = kBlockN + kPad; // V^T smem row stride
-  constexpr int kChunks = D / 8;           // 16-byte chunks per row
+  // Shared memory holds 32-bit words (two 16-bit elements each), the unit of the mma fragments. Padded rows of
+  // (D + 8) and (64 + 8) elements put the 8 rows a fragment load touches in 8 distinct groups of 4 banks.
+  constexpr int kRowWords = (D + kPad) / 2;       // K / Q row: element e of the row is half of word e / 2
+  constexpr int kVtRowWords = (kBlockN + kPad) / 2;  // V^T row (one d): word j holds keys 2j and 2j + 1
+  constexpr int kChunks = D / 8;                  // 16-byte chunks per row
   constexpr int kDTiles = D / 8;           // n8 tiles of the output
   constexpr int kKSteps = D / 16;          // k16 steps of Q K^T
   constexpr int kNTiles = kBlockN / 8;     // n8 tiles of the scores
 
   // Q shares the K buffer: its fragments move to registers before the first key tile
-  __shared__ __align__(16) T k_smem[kBlockN * kStrideD];
-  __shared__ __align__(16) T vt_smem[D * kStrideN];
+  __shared__ __align__(16) uint32_t k_smem[kBlockN * kRowWords];
+  __shared__ __align__(16) uint32_t vt_smem[D * kVtRowWords];
 
   const int m_tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -137,18 +147,19 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
       const T* src = static_cast<const T*>(p.q) + b * p.q_strides[0] + n * p.q_strides[1] + h * p.q_strides[2];
       val = *reinterpret_cast<const uint4*>(src + chunk * 8);
     }
-    *reinterpret_cast<uint4*>(&k_smem[row * kStrideD + chunk * 8]) = val;
+    *reinterpret_cast<uint4*>(&k_smem[row * kRowWords + chunk * 4]) = val;
   }
   __syncthreads();
   uint32_t q_frag[kKSteps][4];
   {
-    const T* qs = &k_smem[(warp * 16) * kStrideD];
+    // A fragment of rows (g, g + 8) and columns (ks * 16 + 2t, + 8): words ks * 8 + t and ks * 8 + t + 4
+    const uint32_t* qs = &k_smem[(warp * 16) * kRowWords];
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      q_frag[ks][0] = load_u32(&qs[g * kStrideD + ks * 16 + 2 * t]);
-      q_frag[ks][1] = load_u32(&qs[(g + 8) * kStrideD + ks * 16 + 2 * t]);
-      q_frag[ks][2] = load_u32(&qs[g * kStrideD + ks * 16 + 2 * t + 8]);
-      q_frag[ks][3] = load_u32(&qs[(g + 8) * kStrideD + ks * 16 + 2 * t + 8]);
+      q_frag[ks][0] = qs[g * kRowWords + ks * 8 + t];
+      q_frag[ks][1] = qs[(g + 8) * kRowWords + ks * 8 + t];
+      q_frag[ks][2] = qs[g * kRowWords + ks * 8 + t + 4];
+      q_frag[ks][3] = qs[(g + 8) * kRowWords + ks * 8 + t + 4];
     }
   }
 
@@ -167,19 +178,33 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
     const int tile_keys = tile < small_tiles ? min(kBlockN, small_keys - tile * kBlockN)
                                              : min(kBlockN, p.N - p.P - (tile - small_tiles) * kBlockN);
     __syncthreads();  // previous tile (or the Q staging) fully consumed
-    for (int idx = tid; idx < kBlockN * kChunks; idx += kThreads) {
-      const int row = idx / kChunks, chunk = idx % kChunks;
-      const T *krow, *vrow;
-      key_row<T>(p, b, h, tile, small_tiles, row, krow, vrow);
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end: 0 * p stays 0
-      if (krow != nullptr) {
-        kv = *reinterpret_cast<const uint4*>(krow + chunk * 8);
-        vv = *reinterpret_cast<const uint4*>(vrow + chunk * 8);
-      }
-      *reinterpret_cast<uint4*>(&k_smem[row * kStrideD + chunk * 8]) = kv;
-      const T* ve = reinterpret_cast<const T*>(&vv);
+    // each step loads one 16-byte chunk of two consecutive keys: K rows go to shared memory as they are, V rows
+    // are interleaved into V^T words (key 2j in the low half, key 2j + 1 in the high half)
+    for (int idx = tid; idx < (kBlockN / 2) * kChunks; idx += kThreads) {
+      const int pair = idx / kChunks, chunk = idx % kChunks;
+      uint32_t v_words[2][4];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) vt_smem[(chunk * 8 + i) * kStrideN + row] = ve[i];
+      for (int r = 0; r < 2; ++r) {
+        const int row = 2 * pair + r;
+        const T *krow, *vrow;
+        key_row<T>(p, b, h, tile, small_tiles, row, krow, vrow);
+        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end: 0 * p stays 0
+        if (krow != nullptr) {
+          kv = *reinterpret_cast<const uint4*>(krow + chunk * 8);
+          vv = *reinterpret_cast<const uint4*>(vrow + chunk * 8);
+        }
+        *reinterpret_cast<uint4*>(&k_smem[row * kRowWords + chunk * 4]) = kv;
+        v_words[r][0] = vv.x;
+        v_words[r][1] = vv.y;
+        v_words[r][2] = vv.z;
+        v_words[r][3] = vv.w;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // element i of the chunk: half (i % 2) of word i / 2
+        const int shift = 16 * (i % 2);
+        const uint32_t lo = (v_words[0][i / 2] >> shift) & 0xffffu, hi = (v_words[1][i / 2] >> shift) & 0xffffu;
+        vt_smem[(chunk * 8 + i) * kVtRowWords + pair] = lo | (hi << 16);
+      }
     }
     __syncthreads();
 
@@ -188,11 +213,10 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const T* krow = &k_smem[(nt * 8 + g) * kStrideD];
+      // B fragment (k = d, n = key): key nt * 8 + g, d pairs (ks * 16 + 2t, + 8) -> words ks * 8 + t, + 4
+      const uint32_t* krow = &k_smem[(nt * 8 + g) * kRowWords];
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        Ops::mma(s[nt], q_frag[ks], load_u32(&krow[ks * 16 + 2 * t]), load_u32(&krow[ks * 16 + 2 * t + 8]));
-      }
+      for (int ks = 0; ks < kKSteps; ++ks) Ops::mma(s[nt], q_frag[ks], krow[ks * 8 + t], krow[ks * 8 + t + 4]);
     }
 
     // ---- online softmax (exp2 domain); masked keys get -inf ----
@@ -243,8 +267,9 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
       p_frag[3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
-        const T* vrow = &vt_smem[(dt * 8 + g) * kStrideN + kk * 16];
-        Ops::mma(acc[dt], p_frag, load_u32(&vrow[2 * t]), load_u32(&vrow[2 * t + 8]));
+        // B fragment (k = key, n = d): d = dt * 8 + g, keys (kk * 16 + 2t, + 8) -> V^T words kk * 8 + t, + 4
+        const uint32_t* vrow = &vt_smem[(dt * 8 + g) * kVtRowWords + kk * 8];
+        Ops::mma(acc[dt], p_frag, vrow[t], vrow[t + 4]);
       }
     }
   }
@@ -287,13 +312,15 @@ bool aligned_rows(const at::Tensor& t) {
   return t.stride(-1) == 1;
 }
 
-at::Tensor loadable(const at::Tensor& t) { return aligned_rows(t) ? t : t.contiguous(); }
+// A fresh allocation is aligned; .contiguous() alone would return an already-contiguous view at an odd offset as is.
+at::Tensor loadable(const at::Tensor& t) { return aligned_rows(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
 template <typename T, int D>
-void launch(const AttentionParams& p, int B, cudaStream_t stream) {
+void launch(const AttentionParams& p, int B, regkern_stream_t stream) {
   const dim3 grid((p.N + kBlockM - 1) / kBlockM, p.H, B);
-  register_attention_fwd_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto kernel = register_attention_fwd_kernel<T, D>;
+  REGKERN_LAUNCH(kernel, grid, kThreads, stream, p);
+  REGKERN_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -303,12 +330,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
                                                                    const OptTensor& reg_v, double scale,
                                                                    int64_t num_prefix, bool want_out_norm) {
   const AttentionShape s = check_attention_args(q_in, k_in, v_in, reg_k, reg_v, scale, num_prefix);
-  TORCH_CHECK(q_in.is_cuda(), "q: expected a CUDA tensor for the CUDA kernel, got device ", q_in.device());
+  REGKERN_DEVICE_CHECK(q_in, "q");
   TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
               "q: the CUDA attention kernel supports float16 and bfloat16, got ", q_in.scalar_type());
   TORCH_CHECK(s.d == 64 || s.d == 128, "q: the CUDA attention kernel supports head_dim 64 and 128, got ", s.d);
   TORCH_CHECK(s.N < (int64_t(1) << 31) / 2, "q: sequence length ", s.N, " is too large");
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  REGKERN_DEVICE_GUARD(q_in);
 
   const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
   at::Tensor rk, rv;
@@ -354,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
   TORCH_CHECK(s.H <= 65535 && s.B <= 65535, "q: batch and head counts must be <= 65535, got B=", s.B, ", H=", s.H);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  regkern_stream_t stream = REGKERN_STREAM;
   const int B = static_cast<int>(s.B);
   if (q.scalar_type() == at::kHalf) {
     s.d == 64 ? launch<__half, 64>(p, B, stream) : launch<__half, 128>(p, B, stream);

@@ -3,26 +3,11 @@
 // written once: the sum is taken in float32 and rounded once, as regkern.reference.embed_tokens does.
 #include "regkern.h"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda_launch.cuh"
 
 namespace regkern {
 namespace {
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 struct EmbedParams {
   const void* x;    // (B, M, C) with strides
@@ -65,11 +50,11 @@ __global__ void embed_tokens_kernel(const EmbedParams p) {
 at::Tensor embed_tokens_cuda(const at::Tensor& x_in, const OptTensor& pos_embed, const OptTensor& cls_token,
                              const OptTensor& reg_token, bool no_embed_class) {
   const EmbedShape s = check_embed_args(x_in, pos_embed, cls_token, reg_token, no_embed_class);
-  TORCH_CHECK(x_in.is_cuda(), "x: expected a CUDA tensor for the CUDA kernel, got device ", x_in.device());
+  REGKERN_DEVICE_CHECK(x_in, "x");
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
               "x: the CUDA embed_tokens kernel supports float16, bfloat16 and float32, got ", dtype);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  REGKERN_DEVICE_GUARD(x_in);
   const at::Tensor x = patches_as_sequence(x_in);
   const at::Tensor pos = pos_embed.has_value() ? pos_embed->contiguous() : at::Tensor();
   const at::Tensor cls = cls_token.has_value() ? cls_token->contiguous() : at::Tensor();
@@ -94,15 +79,18 @@ at::Tensor embed_tokens_cuda(const at::Tensor& x_in, const OptTensor& pos_embed,
   if (total == 0) return out;
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  regkern_stream_t stream = REGKERN_STREAM;
   if (dtype == at::kHalf) {
-    embed_tokens_kernel<__half><<<blocks, kThreads, 0, stream>>>(p);
+    auto kernel = embed_tokens_kernel<__half>;
+    REGKERN_LAUNCH(kernel, dim3(unsigned(blocks)), kThreads, stream, p);
   } else if (dtype == at::kBFloat16) {
-    embed_tokens_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(p);
+    auto kernel = embed_tokens_kernel<__nv_bfloat16>;
+    REGKERN_LAUNCH(kernel, dim3(unsigned(blocks)), kThreads, stream, p);
   } else {
-    embed_tokens_kernel<float><<<blocks, kThreads, 0, stream>>>(p);
+    auto kernel = embed_tokens_kernel<float>;
+    REGKERN_LAUNCH(kernel, dim3(unsigned(blocks)), kThreads, stream, p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGKERN_LAUNCH_CHECK();
   return out;
 }
 

@@ -5,30 +5,16 @@
 // Rows of 16-bit values are read 8 elements (16 bytes) at a time when C % 8 == 0 and the rows are aligned.
 #include "regkern.h"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda_launch.cuh"
 
 #include <cstdint>
+#include <cstring>
 
 namespace regkern {
 namespace {
 
 constexpr int kRowsPerBlock = 4;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -47,11 +33,13 @@ __device__ __forceinline__ void load(const T* p, float (&f)[VEC]) {
   Vec<T, VEC> raw;
   if constexpr (VEC == 1) {
     raw.v[0] = *p;
-  } else if constexpr (sizeof(T) == 2) {
-    *reinterpret_cast<uint4*>(&raw) = *reinterpret_cast<const uint4*>(p);
   } else {
-    reinterpret_cast<uint4*>(&raw)[0] = reinterpret_cast<const uint4*>(p)[0];
-    reinterpret_cast<uint4*>(&raw)[1] = reinterpret_cast<const uint4*>(p)[1];
+    // 16-byte global loads, then a register copy into the typed elements (no type-punned access)
+    constexpr int kWords = sizeof(Vec<T, VEC>) / 16;
+    uint4 words[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = reinterpret_cast<const uint4*>(p)[w];
+    memcpy(&raw, words, sizeof(raw));
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) f[i] = to_float(raw.v[i]);
@@ -105,8 +93,10 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
       yr[c] = out.v[0];
     } else {
       constexpr int kWords = sizeof(Vec<T, VEC>) / 16;
+      uint4 words[kWords];
+      memcpy(words, &out, sizeof(out));
 #pragma unroll
-      for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(yr + c)[w] = reinterpret_cast<uint4*>(&out)[w];
+      for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(yr + c)[w] = words[w];
     }
   }
   if (lane == 0) {
@@ -118,19 +108,21 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
 
 template <typename T>
 void launch(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, at::Tensor& norms, at::Tensor& mean,
-            at::Tensor& rstd, int64_t rows, int C, float eps, cudaStream_t stream) {
+            at::Tensor& rstd, int64_t rows, int C, float eps, regkern_stream_t stream) {
   const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;  // y is a fresh allocation
   if (vec) {
-    layer_norm_fwd_kernel<T, 8><<<grid, kRowsPerBlock * 32, 0, stream>>>(
-        xp, w, b, yp, norms.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
+    auto kernel = layer_norm_fwd_kernel<T, 8>;
+    REGKERN_LAUNCH(kernel, grid, kRowsPerBlock * 32, stream, xp, w, b, yp, norms.data_ptr<float>(),
+                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
   } else {
-    layer_norm_fwd_kernel<T, 1><<<grid, kRowsPerBlock * 32, 0, stream>>>(
-        xp, w, b, yp, norms.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
+    auto kernel = layer_norm_fwd_kernel<T, 1>;
+    REGKERN_LAUNCH(kernel, grid, kRowsPerBlock * 32, stream, xp, w, b, yp, norms.data_ptr<float>(),
+                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGKERN_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -139,12 +131,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(c
                                                                                const OptTensor& weight,
                                                                                const OptTensor& bias, double eps) {
   const int64_t C = check_layer_norm_args(x_in, weight, bias, eps);
-  TORCH_CHECK(x_in.is_cuda(), "x: expected a CUDA tensor for the CUDA kernel, got device ", x_in.device());
+  REGKERN_DEVICE_CHECK(x_in, "x");
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
               "x: the CUDA LayerNorm kernel supports float16, bfloat16 and float32, got ", dtype);
   TORCH_CHECK(C < (int64_t(1) << 30), "x: last dim C = ", C, " is too large");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  REGKERN_DEVICE_GUARD(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.numel() / C;
   // affine parameters as float32 (C,): tiny, and one kernel then serves every parameter dtype
@@ -156,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(c
   auto norms = new_output(stat_shape, f32), mean = new_output(stat_shape, f32), rstd = new_output(stat_shape, f32);
   if (rows > 0) {
     TORCH_CHECK(rows / kRowsPerBlock < (int64_t(1) << 31) - 1, "x: too many rows (", rows, ")");
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    regkern_stream_t stream = REGKERN_STREAM;
     const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     const int c = static_cast<int>(C);

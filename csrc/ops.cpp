@@ -216,11 +216,20 @@ TORCH_LIBRARY(regkern, m) {
         "bool no_embed_class) -> Tensor");
 }
 
+#ifndef REGKERN_EMULATE
 TORCH_LIBRARY_IMPL(regkern, CPU, m) {
   m.impl("cuda_attention_fwd", &attention_fwd_cpu);
   m.impl("cuda_layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("cuda_embed_tokens", &embed_tokens_cpu);
 }
+#else
+// emulation/emulated_ops.cpp: CPU tensors run the CUDA kernels under the host emulator
+TORCH_LIBRARY_IMPL(regkern, CPU, m) {
+  m.impl("cuda_attention_fwd", &attention_fwd_cuda);
+  m.impl("cuda_layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("cuda_embed_tokens", &embed_tokens_cuda);
+}
+#endif
 
 #ifdef REGKERN_WITH_CUDA
 TORCH_LIBRARY_IMPL(regkern, CUDA, m) {

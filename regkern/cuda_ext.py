@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["ExtensionStatus", "load", "available", "why_unavailable", "status", "SOURCES", "ENV_VAR"]
+__all__ = ["ExtensionStatus", "load", "available", "why_unavailable", "status", "load_emulator", "SOURCES", "ENV_VAR"]
 
 ENV_VAR = "REGKERN_CUDA_EXT"
 MODES = ("auto", "prebuilt", "jit", "off")
@@ -63,7 +63,7 @@ def _flags():
     return cxx, nvcc
 
 
-def _jit_build_dir(sources: List[Path]) -> Path:
+def _jit_build_dir(sources: List[Path], kind: str = "cuda") -> Path:
     import torch
 
     digest = hashlib.sha256()
@@ -73,9 +73,38 @@ def _jit_build_dir(sources: List[Path]) -> Path:
     digest.update(archs.encode())
     root = Path(os.environ.get("REGKERN_CACHE_DIR", Path.home() / ".cache" / "regkern"))
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
-    path = root / "ext" / f"{tag}-{digest.hexdigest()[:12]}"
+    path = root / "ext" / f"{kind}-{tag}-{digest.hexdigest()[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _nvcc_wrapper_target() -> Optional[Path]:
+    """The toolkit behind an `nvcc` on PATH that is a wrapper script (`exec /path/to/cuda/bin/nvcc "$@"`)."""
+    import re
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        head = Path(nvcc).read_bytes()[:4096].decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = re.search(r"exec\s+(\S+/bin/nvcc)\b", head)
+    return Path(found.group(1)).parent.parent if found else None
+
+
+def toolkit_problem(cuda_home: Optional[str]) -> str:
+    """Why ``cuda_home`` is not a usable CUDA toolkit ("" when it is), with the fix in words."""
+    if cuda_home is None:
+        return "no CUDA toolkit found: set CUDA_HOME to the directory above bin/nvcc"
+    if (Path(cuda_home) / "include" / "cuda_runtime.h").exists():
+        return ""
+    hint = ""
+    target = _nvcc_wrapper_target()
+    if target is not None and (target / "include" / "cuda_runtime.h").exists():
+        hint = f" (the nvcc on PATH is a wrapper for {target}: export CUDA_HOME={target})"
+    return f"CUDA_HOME={cuda_home} has no include/cuda_runtime.h{hint}"
 
 
 def _jit_load():
@@ -84,8 +113,9 @@ def _jit_load():
 
     if torch.version.cuda is None:
         raise RuntimeError(f"torch {torch.__version__} is built without CUDA")
-    if cpp_extension.CUDA_HOME is None:
-        raise RuntimeError("no CUDA toolkit found: set CUDA_HOME to the directory above bin/nvcc")
+    problem = toolkit_problem(cpp_extension.CUDA_HOME)
+    if problem:
+        raise RuntimeError(problem)
     sources = [_CSRC / name for name in SOURCES]
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
@@ -158,3 +188,28 @@ def why_unavailable(build: bool = True) -> str:
     """Why the extension is not loaded, in words ("" when it is)."""
     s = load(build)
     return "" if s.loaded else s.reason
+
+
+def load_emulator(build_directory: Optional[str] = None):
+    """Build (host compiler only, ~15 s) and load csrc/emulation/emulated_ops.cpp: the CUDA sources of csrc/ compiled
+    for a host emulator of the CUDA features they use (threads per block, barriers, warp shuffles, mma.sync by the
+    PTX fragment layout). It registers ``torch.ops.regkern_emulated.cuda_*`` ops that run the very kernels and
+    launchers of the CUDA backend on CPU tensors, slowly, so machines without a GPU can execute them (the tests do).
+    Needs the CUDA toolkit headers (``CUDA_HOME``) for cuda_fp16.h / cuda_bf16.h and a C++20 compiler."""
+    from torch.utils import cpp_extension
+
+    problem = toolkit_problem(cpp_extension.CUDA_HOME)
+    if problem:
+        raise RuntimeError(f"the emulator needs the CUDA toolkit headers: {problem}")
+    source = _CSRC / "emulation" / "emulated_ops.cpp"
+    if not source.exists():
+        raise RuntimeError(f"{source} is not here: the emulator needs a source checkout")
+    if build_directory is None:
+        headers = sorted(_CSRC.glob("*.h")) + sorted(_CSRC.glob("*.cuh")) + sorted((_CSRC / "emulation").glob("*.h"))
+        build_directory = str(_jit_build_dir([_CSRC / n for n in SOURCES] + headers + [source], kind="emulator"))
+    return cpp_extension.load(
+        name="regkern_emulated_C", sources=[str(source)],
+        extra_include_paths=[str(Path(cpp_extension.CUDA_HOME) / "include")],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas", "-Wno-attributes"], build_directory=build_directory,
+        verbose=os.environ.get("REGKERN_VERBOSE_BUILD") == "1",
+    )

@@ -359,3 +359,24 @@ def test_just_in_time_build_and_cache(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert float(second.stdout.split("seconds")[-1]) < 30, "the cached build was not reused"
     assert list((tmp_path / "ext").iterdir()), "nothing cached"
+
+
+@pytest.mark.parametrize("mode, expect, rc", [("0", "REGKERN_BUILD_CUDA=0, not building", 0),
+                                              ("maybe", "REGKERN_BUILD_CUDA: expected 'auto', '1' or '0'", 1)])
+def test_setup_build_switch(mode, expect, rc):
+    """setup.py reads REGKERN_BUILD_CUDA before anything is compiled (`--version` builds nothing)."""
+    env = dict(os.environ, REGKERN_BUILD_CUDA=mode)
+    out = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == rc, out.stderr
+    assert expect in out.stderr + out.stdout
+
+
+def test_setup_without_torch_in_the_build_environment_installs_python_only():
+    """pip's isolated build has no torch: setup.py then plans no extension and says how to get one."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, REGKERN_BUILD_CUDA="auto"))
+    assert out.returncode == 0, out.stderr
+    assert "torch is not importable in this build environment" in out.stderr
+    assert "built just in time on first use" in out.stderr
