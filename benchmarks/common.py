@@ -50,25 +50,16 @@ def environment(device_type: str) -> dict:
 
 
 def cuda_backend_unavailable(device: torch.device) -> Optional[str]:
-    """Why regkern's CUDA backend cannot be benchmarked on ``device``; None when it can.
-
-    Imported lazily and probed with getattr: the suite must collect and skip in checkouts and on machines without
-    the extension."""
+    """Why regkern's CUDA backend cannot be benchmarked on ``device``; None when it can (loads the extension,
+    building it just in time when it was not prebuilt)."""
     if device.type != "cuda":
         return "the regkern CUDA backend needs a CUDA GPU"
-    try:
-        from regkern import cuda_ext
-    except (ImportError, OSError) as err:
-        return f"regkern.cuda_ext cannot be imported ({err})"
-    available = getattr(cuda_ext, "available", None)
-    if available is None:
-        return "regkern.cuda_ext has no available() (the CUDA backend is not in this checkout)"
-    if not available():
-        why = getattr(cuda_ext, "why_unavailable", None)
-        return "the regkern CUDA extension is unavailable: " + (why() if why is not None else "no reason given")
-    # an extension built without nvcc registers its ops but has no kernels to time
-    status = getattr(cuda_ext, "status", lambda: None)()
-    if status is not None and getattr(status, "with_cuda", True) is False:
+    from regkern import cuda_ext
+
+    status = cuda_ext.load()
+    if not status.loaded:
+        return f"the regkern CUDA extension is unavailable: {status.reason}"
+    if not status.with_cuda:  # an extension built without nvcc registers its ops but has no kernels to time
         return "the regkern CUDA extension was built without its CUDA kernels"
     return None
 

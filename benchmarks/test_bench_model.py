@@ -1,12 +1,13 @@
-"""Model level: timm register ViTs, bf16 inference images/s (unpatched vs patched, eager and torch.compile) and one
-training step (forward + backward + AdamW) patched vs unpatched. Tiny models on the CPU, eager only."""
+"""Model level: timm register ViTs, bf16 inference images/s (unpatched vs patched with auto dispatch vs patched with
+the CUDA backend, eager and torch.compile) and one training step (forward + backward + AdamW) patched vs unpatched.
+Tiny models on the CPU, eager only."""
 
 
 import pytest
 import torch
 
 import regkern
-from benchmarks.common import on_gpu, record, sync
+from benchmarks.common import cuda_backend_unavailable, on_gpu, record, sync
 
 timm = pytest.importorskip("timm")
 
@@ -15,13 +16,14 @@ GPU_MODELS = [("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 256),
               ("vitl14reg4-518", "vit_large_patch14_reg4_dinov2", 518, 32)]
 CPU_MODELS = [("vits14reg4-cpu", "vit_small_patch14_reg4_dinov2", 56, 2)]
 MODELS = GPU_MODELS if on_gpu() else CPU_MODELS
-VARIANTS = ["unpatched-eager", "patched-eager", "unpatched-compiled", "patched-compiled"]
+VARIANTS = ["unpatched-eager", "patched-eager", "patched-cuda-eager", "unpatched-compiled", "patched-compiled",
+            "patched-cuda-compiled"]
 
 
-def build(name, img_size, device, dtype, patched):
+def build(name, img_size, device, dtype, patched, backend=None):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, img_size=img_size).to(device=device, dtype=dtype)
-    return regkern.patch_timm(model) if patched else model
+    return regkern.patch_timm(model, backend=backend) if patched else model
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -30,8 +32,14 @@ def test_model_inference(benchmark, device, spec, variant):
     label, name, img_size, batch = spec
     if variant.endswith("compiled") and device.type != "cuda":
         pytest.skip("torch.compile model benchmarks run on the GPU only")
+    backend = None
+    if variant.startswith("patched-cuda"):
+        reason = cuda_backend_unavailable(device)
+        if reason:
+            pytest.skip(f"patched-cuda: {reason}")
+        backend = "cuda"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(name, img_size, device, dtype, variant.startswith("patched")).eval()
+    model = build(name, img_size, device, dtype, variant.startswith("patched"), backend).eval()
     if variant.endswith("compiled"):
         model = torch.compile(model)
     x = torch.randn(batch, 3, img_size, img_size, device=device, dtype=dtype)

@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "reference",
+    "cuda_ext",
     "register_attention",
     "layer_norm_with_norms",
     "embed_tokens",

@@ -295,7 +295,7 @@ def entries_from_bench(results: dict, margin: float = 1.03, source: Optional[str
 
     For every op, GPU, dtype, dim and N measured in forward mode by both the default's contender and the CUDA
     backend's (``regkern-triton`` and ``regkern-cuda``; ``regkern-reference`` for embed_tokens), one entry for
-    exactly that N: "cuda" when it is at least ``margin`` times faster, else "triton". Shapes sharing a key (e.g.
+    exactly that N (for layer_norm, whose modules choose without knowing N: one entry for every length, pooled): "cuda" when it is at least ``margin`` times faster, else "triton". Shapes sharing a key (e.g.
     two batch sizes at the same N) are pooled: the ratio of their summed median times.
 
     Args:
@@ -325,8 +325,10 @@ def entries_from_bench(results: dict, margin: float = 1.03, source: Optional[str
             if not _is_int(dim) or not _is_int(cuda.get("N")):
                 raise ValueError(f"{'d' if op == 'attention' else 'C'}, N: expected ints, got {dim!r}, "
                                  f"{cuda.get('N')!r}")
+            # LayerNorm modules choose once, without knowing N: their entries cover every length (pooled over N)
+            length = None if op == "layer_norm" else cuda["N"]
             key = (op, _capability(cuda["capability"], "capability"), _dtype_name(cuda.get("dtype"), "dtype"), dim,
-                   cuda["N"])
+                   length)
         except ValueError as err:
             raise ValueError(f"results: case {cuda.get('name')!r}: {err}") from None
         slot = pooled.setdefault(key, {"gpu": cuda.get("device"), "base_s": 0.0, "cuda_s": 0.0, "shapes": [],
@@ -338,14 +340,14 @@ def entries_from_bench(results: dict, margin: float = 1.03, source: Optional[str
     run = ", ".join(str(x) for x in (source or "regkern bench run", results.get("datetime"),
                                      commit and f"commit {commit}") if x)
     entries = []
-    for (op, cap, dtype, dim, n), slot in sorted(pooled.items()):
+    for (op, cap, dtype, dim, n), slot in sorted(pooled.items(), key=lambda kv: (*kv[0][:4], kv[0][4] or 0)):
         ratio = slot["base_s"] / slot["cuda_s"]  # > 1: cuda faster
         backend = "cuda" if ratio >= margin else "triton"
         default_name, cuda_name = slot["names"]
         source_text = (f"{run}: {cuda_name} {1e6 * slot['cuda_s']:.1f} us vs {default_name} "
                        f"{1e6 * slot['base_s']:.1f} us, fwd median, {'+'.join(slot['shapes'])}")
         entries.append(DispatchEntry(op=op, capability=cap, gpu=slot["gpu"] or "unknown GPU", dtype=dtype, dim=dim,
-                                     min_len=n, max_len=n, backend=backend,
+                                     min_len=n or 0, max_len=n, backend=backend,
                                      speedup=ratio if backend == "cuda" else 1 / ratio, source=source_text))
     return entries
 

@@ -10,6 +10,7 @@ faster, else "reference" (there is no Triton kernel for this op).
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -63,7 +64,9 @@ def choose_embed_tokens_backend(backend: Optional[str], x, pos_embed, cls_token,
     from . import dispatch_table
 
     capability = tuple(torch.cuda.get_device_capability(x.device))
-    preferred, why = dispatch_table.choose("embed_tokens", capability, x.dtype, x.shape[-1])
+    num_patches = math.prod(x.shape[1:-1])  # (B, M, C) or (B, Hp, Wp, C)
+    seq_len = (cls_token is not None) + (0 if reg_token is None else reg_token.shape[1]) + num_patches
+    preferred, why = dispatch_table.choose("embed_tokens", capability, x.dtype, x.shape[-1], seq_len)
     if preferred == "cuda":
         reasons = embed_tokens_not_supported_reasons("cuda", x, pos_embed, cls_token, reg_token)
         if not reasons:

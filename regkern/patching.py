@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from .modules import RegisterEvaAttention, RegisterViTAttention, _RegisterAttentionBase
+from .monitored_layer_norm import MonitoredLayerNorm
 
 __all__ = ["patch_timm", "unpatch_timm", "get_monitor", "explain", "supported_attention_classes", "prefix_counters"]
 
@@ -150,7 +151,8 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
 
 
 def explain(module_or_model: nn.Module) -> str:
-    """Which backend each regkern attention module runs, and why, one line per module (a string to print)."""
+    """Which backend each regkern attention module (and each ``MonitoredLayerNorm`` a NormMonitor installed) runs,
+    and why, one line per module (a string to print)."""
     lines = []
     for name, module in module_or_model.named_modules():
         if isinstance(module, _RegisterAttentionBase):
@@ -160,6 +162,8 @@ def explain(module_or_model: nn.Module) -> str:
             if module.masked_backend_name != module.backend_name:
                 line += f"; calls with attn_mask -> {module.masked_backend_name}"
             lines.append(line)
+        elif isinstance(module, MonitoredLayerNorm):
+            lines.append(f"{name or '<root>'}: MonitoredLayerNorm -> {module.backend_name} ({module.backend_reason})")
     if not lines:
         return "no regkern attention modules (call regkern.patch_timm(model) first)"
     return "\n".join(lines)

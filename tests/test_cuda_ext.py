@@ -332,7 +332,14 @@ def test_module_and_explain_with_cuda_backend_on_cpu(ext, one_thread):
     model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=1)
     regkern.patch_timm(model, backend="cuda")
     text = regkern.explain(model)
-    assert "-> cuda (requested by backend argument)" in text
+    assert "blocks.0.attn: RegisterViTAttention -> cuda (requested by backend argument)" in text
+    # the NormMonitor asks attention for statistics the CUDA kernel does not compute: the layer says so, and its
+    # MonitoredLayerNorm shows up too
+    monitored = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=1)
+    regkern.patch_timm(monitored, backend="cuda", monitor=True)
+    text = regkern.explain(monitored)
+    assert "-> cuda (unavailable)" in text and "are not computed by the CUDA kernel (triton computes them)" in text
+    assert "blocks.0.norm1: MonitoredLayerNorm -> reference (auto: " in text
     layer = model.blocks[0].attn
     assert layer.expected_seq_len == 1 + 4 + 4  # CLS + 4 registers + a 2x2 grid
 
@@ -380,3 +387,20 @@ def test_setup_without_torch_in_the_build_environment_installs_python_only():
     assert out.returncode == 0, out.stderr
     assert "torch is not importable in this build environment" in out.stderr
     assert "built just in time on first use" in out.stderr
+
+
+def test_layer_norm_auto_follows_the_measured_table(ext, tmp_path, monkeypatch):
+    from regkern.layer_norm_op import choose_layer_norm_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a pretend H100
+    impl, why = choose_layer_norm_backend(None, "cuda", torch.bfloat16, 768)
+    assert impl == "triton" and "no measured entry for layer_norm on sm_90 bfloat16 dim 768" in why
+    path = _table(tmp_path, "cuda", op="layer_norm", dtype="bfloat16", dim=768, min_len=0, max_len=None)
+    monkeypatch.setenv("REGKERN_DISPATCH_TABLE", str(path))
+    dispatch_table.clear_cache()
+    try:
+        impl, why = choose_layer_norm_backend(None, "cuda", torch.bfloat16, 768)
+        assert impl == "cuda" and "synthetic test table" in why
+        assert choose_layer_norm_backend(None, "cuda", torch.bfloat16, 1024)[0] == "triton"
+    finally:
+        dispatch_table.clear_cache()

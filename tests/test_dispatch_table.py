@@ -228,7 +228,7 @@ def test_entries_from_bench_margin_and_pairs():
         {"name": "test_model_inference[vitb]", "stats": {"median": 0.5}, "extra_info": dict(ENV, model="vit")},
     )
     entries = {(e.op, e.min_len): e for e in entries_from_bench(results, source="results.json")}
-    assert set(entries) == {("attention", 261), ("attention", 197), ("layer_norm", 261), ("embed_tokens", 261)}
+    assert set(entries) == {("attention", 261), ("attention", 197), ("layer_norm", 0), ("embed_tokens", 261)}
     b = entries["attention", 261]
     assert (b.backend, b.capability, b.gpu, b.dtype, b.dim, b.min_len, b.max_len) == (
         "cuda", (9, 0), H100, "bfloat16", 64, 261, 261)
@@ -237,8 +237,9 @@ def test_entries_from_bench_margin_and_pairs():
                                "regkern-triton 110.0 us")
     s = entries["attention", 197]
     assert s.backend == "triton" and s.speedup == pytest.approx(1 / 1.01)  # cuda faster, but under the margin
-    ln = entries["layer_norm", 261]
-    assert (ln.backend, ln.dim) == ("triton", 768) and ln.speedup == pytest.approx(1.25)
+    ln = entries["layer_norm", 0]  # LayerNorm modules choose without N: one entry for every length
+    assert (ln.backend, ln.dim, ln.max_len) == ("triton", 768, None) and ln.speedup == pytest.approx(1.25)
+    assert choose("layer_norm", (9, 0), torch.bfloat16, 768, table=[ln])[0] == "triton"
     em = entries["embed_tokens", 261]
     assert em.backend == "cuda" and em.speedup == pytest.approx(3.0) and "regkern-reference" in em.source
     # the entries then drive choose()
