@@ -65,7 +65,13 @@ def device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
     """Compute capability of a CUDA device (a query made when a backend is chosen, never at import)."""
     if device.type != "cuda":
         return None
-    return tuple(torch.cuda.get_device_capability(device))
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _cuda_capability(index)
+
+
+@torch.compiler.assume_constant_result  # traced calls (register_attention under torch.compile) see a constant
+def _cuda_capability(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 class AttentionBackend:

@@ -210,6 +210,6 @@ def load_emulator(build_directory: Optional[str] = None):
     return cpp_extension.load(
         name="regkern_emulated_C", sources=[str(source)],
         extra_include_paths=[str(Path(cpp_extension.CUDA_HOME) / "include")],
-        extra_cflags=["-O2", "-Wno-unknown-pragmas", "-Wno-attributes"], build_directory=build_directory,
+        extra_cflags=["-O2", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-attributes"], build_directory=build_directory,
         verbose=os.environ.get("REGKERN_VERBOSE_BUILD") == "1",
     )

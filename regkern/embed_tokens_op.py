@@ -63,7 +63,9 @@ def choose_embed_tokens_backend(backend: Optional[str], x, pos_embed, cls_token,
         return "reference", "auto: the cuda kernel is chosen on CUDA tensors only"
     from . import dispatch_table
 
-    capability = tuple(torch.cuda.get_device_capability(x.device))
+    from .backends import device_capability
+
+    capability = device_capability(x.device)
     num_patches = math.prod(x.shape[1:-1])  # (B, M, C) or (B, Hp, Wp, C)
     seq_len = (cls_token is not None) + (0 if reg_token is None else reg_token.shape[1]) + num_patches
     preferred, why = dispatch_table.choose("embed_tokens", capability, x.dtype, x.shape[-1], seq_len)

@@ -262,7 +262,9 @@ def choose_layer_norm_backend(
         return "reference", f"auto: triton is used on cuda only (name it explicitly otherwise); {where} -> reference"
     from . import dispatch_table
 
-    capability = tuple(torch.cuda.get_device_capability(device))  # a query when choosing, never at import
+    from .backends import device_capability
+
+    capability = device_capability(torch.device("cuda") if device is None else device)  # when choosing, not import
     preferred, why = dispatch_table.choose("layer_norm", capability, dtype, C)
     if preferred == "cuda":
         reasons = layer_norm_not_supported_reasons("cuda", device_type, dtype, C)

@@ -392,7 +392,10 @@ def test_setup_without_torch_in_the_build_environment_installs_python_only():
 def test_layer_norm_auto_follows_the_measured_table(ext, tmp_path, monkeypatch):
     from regkern.layer_norm_op import choose_layer_norm_backend
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a pretend H100
+    from regkern import backends
+
+    monkeypatch.setattr(backends, "_cuda_capability", lambda index: (9, 0))  # a pretend H100
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     impl, why = choose_layer_norm_backend(None, "cuda", torch.bfloat16, 768)
     assert impl == "triton" and "no measured entry for layer_norm on sm_90 bfloat16 dim 768" in why
     path = _table(tmp_path, "cuda", op="layer_norm", dtype="bfloat16", dim=768, min_len=0, max_len=None)
