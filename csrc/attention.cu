@@ -5,8 +5,9 @@
 //                  P prefix tokens (CLS + registers) of the sequence;
 //   patch segment: tokens P .. N-1, tiled from P so every full tile is aligned to the patches.
 // Each block owns 64 queries of one (batch, head); each of its 4 warps owns 16 query rows and keeps its Q fragments,
-// running max / sum and output accumulator in registers. K and V tiles (64 keys) go through shared memory; V is
-// stored transposed there so the P @ V operand fragments are plain 32-bit loads.
+// running max / sum and output accumulator in registers. K and V tiles of 64 keys stream through two shared-memory
+// stages with cp.async (the next tile's copies overlap this tile's math; rows past a segment's end are zero-filled
+// by the copy itself); ldmatrix feeds the mma operands, transposing V on the way.
 #include "regkern.h"
 
 #include "cuda_launch.cuh"
@@ -117,51 +118,83 @@ __device__ __forceinline__ void key_row(const AttentionParams& p, int b, int h, 
   }
 }
 
+// Shared-memory plan of one block: two stages of (K tile, V tile), each 64 rows of D elements padded to D + 8 so
+// that the 8 rows an ldmatrix phase reads start in 8 distinct groups of 4 banks. The Q tile is staged in stage 1
+// before the first key tile needs it (its fragments then live in registers).
+template <int D>
+struct SmemPlan {
+  static constexpr int kRow = D + kPad;                  // elements per padded row
+  static constexpr int kTile = kBlockN * kRow;           // elements per K or V tile
+  static constexpr int kStage = 2 * kTile;               // K then V
+  static constexpr size_t kBytes = 2 * kStage * 2;       // two stages of 16-bit elements
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void issue_key_tile(const AttentionParams& p, int b, int h, int tile, int small_tiles,
+                                               T* k_tile, T* v_tile, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kRow = SmemPlan<D>::kRow;
+  for (int idx = tid; idx < kBlockN * kChunks; idx += kThreads) {
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    const T *krow, *vrow;
+    key_row<T>(p, b, h, tile, small_tiles, row, krow, vrow);
+    const bool valid = krow != nullptr;  // rows past the segment's end are zero-filled: 0 * p stays 0 in P V
+    cp_async_16(&k_tile[row * kRow + chunk * 8], valid ? krow + chunk * 8 : static_cast<const T*>(p.k), valid ? 16 : 0);
+    cp_async_16(&v_tile[row * kRow + chunk * 8], valid ? vrow + chunk * 8 : static_cast<const T*>(p.v), valid ? 16 : 0);
+  }
+  cp_async_commit();
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const AttentionParams p) {
   using Ops = MmaOps<T>;
-  // Shared memory holds 32-bit words (two 16-bit elements each), the unit of the mma fragments. Padded rows of
-  // (D + 8) and (64 + 8) elements put the 8 rows a fragment load touches in 8 distinct groups of 4 banks.
-  constexpr int kRowWords = (D + kPad) / 2;       // K / Q row: element e of the row is half of word e / 2
-  constexpr int kVtRowWords = (kBlockN + kPad) / 2;  // V^T row (one d): word j holds keys 2j and 2j + 1
-  constexpr int kChunks = D / 8;                  // 16-byte chunks per row
-  constexpr int kDTiles = D / 8;           // n8 tiles of the output
-  constexpr int kKSteps = D / 16;          // k16 steps of Q K^T
-  constexpr int kNTiles = kBlockN / 8;     // n8 tiles of the scores
-
-  // Q shares the K buffer: its fragments move to registers before the first key tile
-  __shared__ __align__(16) uint32_t k_smem[kBlockN * kRowWords];
-  __shared__ __align__(16) uint32_t vt_smem[D * kVtRowWords];
+  using Plan = SmemPlan<D>;
+  constexpr int kRow = Plan::kRow;
+  constexpr int kDTiles = D / 8;        // n8 tiles of the output
+  constexpr int kKSteps = D / 16;       // k16 steps of Q K^T
+  constexpr int kNTiles = kBlockN / 8;  // n8 tiles of the scores
+  REGKERN_DYNAMIC_SMEM(smem_raw);
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  auto k_stage = [&](int stage) { return smem + stage * Plan::kStage; };
+  auto v_stage = [&](int stage) { return smem + stage * Plan::kStage + Plan::kTile; };
 
   const int m_tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates: row group, thread in group
   const int m0 = m_tile * kBlockM;
 
-  // ---- Q tile -> shared -> registers (A fragments, one set per k16 step) ----
-  for (int idx = tid; idx < kBlockM * kChunks; idx += kThreads) {
-    const int row = idx / kChunks, chunk = idx % kChunks;
-    const int64_t n = m0 + row;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (n < p.N) {
-      const T* src = static_cast<const T*>(p.q) + b * p.q_strides[0] + n * p.q_strides[1] + h * p.q_strides[2];
-      val = *reinterpret_cast<const uint4*>(src + chunk * 8);
+  const int small_keys = p.R + p.P;
+  const int small_tiles = (small_keys + kBlockN - 1) / kBlockN;
+  const int patch_tiles = (p.N - p.P + kBlockN - 1) / kBlockN;
+  const int tiles = small_tiles + patch_tiles;
+
+  // ---- prologue: Q tile into stage 1 and key tile 0 into stage 0, both in flight together ----
+  {
+    T* q_tile = k_stage(1);
+    constexpr int kChunks = D / 8;
+    for (int idx = tid; idx < kBlockM * kChunks; idx += kThreads) {
+      const int row = idx / kChunks, chunk = idx % kChunks;
+      const int64_t n = m0 + row;
+      const T* src = static_cast<const T*>(p.q);
+      const bool valid = n < p.N;
+      if (valid) src += b * p.q_strides[0] + n * p.q_strides[1] + h * p.q_strides[2] + chunk * 8;
+      cp_async_16(&q_tile[row * kRow + chunk * 8], src, valid ? 16 : 0);
     }
-    *reinterpret_cast<uint4*>(&k_smem[row * kRowWords + chunk * 4]) = val;
+    cp_async_commit();
   }
+  issue_key_tile<T, D>(p, b, h, 0, small_tiles, k_stage(0), v_stage(0), tid);
+  cp_async_wait<1>();  // the Q group has landed (tile 0 may still be in flight)
   __syncthreads();
+  // A fragments of this warp's 16 rows for every k16 step: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15)
   uint32_t q_frag[kKSteps][4];
   {
-    // A fragment of rows (g, g + 8) and columns (ks * 16 + 2t, + 8): words ks * 8 + t and ks * 8 + t + 4
-    const uint32_t* qs = &k_smem[(warp * 16) * kRowWords];
+    const T* q_tile = k_stage(1);
+    const int row = warp * 16 + (lane / 8 % 2) * 8 + lane % 8, col = (lane / 16) * 8;
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      q_frag[ks][0] = qs[g * kRowWords + ks * 8 + t];
-      q_frag[ks][1] = qs[(g + 8) * kRowWords + ks * 8 + t];
-      q_frag[ks][2] = qs[g * kRowWords + ks * 8 + t + 4];
-      q_frag[ks][3] = qs[(g + 8) * kRowWords + ks * 8 + t + 4];
-    }
+    for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(q_frag[ks], &q_tile[row * kRow + ks * 16 + col]);
   }
+  cp_async_wait<0>();
+  __syncthreads();  // tile 0 visible to all; every warp holds its Q fragments, so stage 1 is free
 
   float acc[kDTiles][4];
 #pragma unroll
@@ -169,54 +202,28 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of this warp, exp2 domain
   float row_sum[2] = {0.f, 0.f};              // this thread's share; reduced over the quad at the end
 
-  const int small_keys = p.R + p.P;
-  const int small_tiles = (small_keys + kBlockN - 1) / kBlockN;
-  const int patch_tiles = (p.N - p.P + kBlockN - 1) / kBlockN;
-  const int tiles = small_tiles + patch_tiles;
-
   for (int tile = 0; tile < tiles; ++tile) {
+    const int stage = tile & 1;
+    // the next tile's copies run while this one is computed
+    if (tile + 1 < tiles) issue_key_tile<T, D>(p, b, h, tile + 1, small_tiles, k_stage(stage ^ 1), v_stage(stage ^ 1), tid);
     const int tile_keys = tile < small_tiles ? min(kBlockN, small_keys - tile * kBlockN)
                                              : min(kBlockN, p.N - p.P - (tile - small_tiles) * kBlockN);
-    __syncthreads();  // previous tile (or the Q staging) fully consumed
-    // each step loads one 16-byte chunk of two consecutive keys: K rows go to shared memory as they are, V rows
-    // are interleaved into V^T words (key 2j in the low half, key 2j + 1 in the high half)
-    for (int idx = tid; idx < (kBlockN / 2) * kChunks; idx += kThreads) {
-      const int pair = idx / kChunks, chunk = idx % kChunks;
-      uint32_t v_words[2][4];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = 2 * pair + r;
-        const T *krow, *vrow;
-        key_row<T>(p, b, h, tile, small_tiles, row, krow, vrow);
-        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // zeros past the end: 0 * p stays 0
-        if (krow != nullptr) {
-          kv = *reinterpret_cast<const uint4*>(krow + chunk * 8);
-          vv = *reinterpret_cast<const uint4*>(vrow + chunk * 8);
-        }
-        *reinterpret_cast<uint4*>(&k_smem[row * kRowWords + chunk * 4]) = kv;
-        v_words[r][0] = vv.x;
-        v_words[r][1] = vv.y;
-        v_words[r][2] = vv.z;
-        v_words[r][3] = vv.w;
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {  // element i of the chunk: half (i % 2) of word i / 2
-        const int shift = 16 * (i % 2);
-        const uint32_t lo = (v_words[0][i / 2] >> shift) & 0xffffu, hi = (v_words[1][i / 2] >> shift) & 0xffffu;
-        vt_smem[(chunk * 8 + i) * kVtRowWords + pair] = lo | (hi << 16);
-      }
-    }
-    __syncthreads();
+    const T* k_tile = k_stage(stage);
+    const T* v_tile = v_stage(stage);
 
-    // ---- S = Q K^T for this warp's 16 rows x 64 keys ----
+    // ---- S = Q K^T for this warp's 16 rows x 64 keys; B fragments of two k16 steps per ldmatrix ----
     float s[kNTiles][4];
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      // B fragment (k = d, n = key): key nt * 8 + g, d pairs (ks * 16 + 2t, + 8) -> words ks * 8 + t, + 4
-      const uint32_t* krow = &k_smem[(nt * 8 + g) * kRowWords];
+      const T* krow = &k_tile[(nt * 8 + lane % 8) * kRow + (lane / 8) * 8];  // matrix lane / 8: d offset 8 * it
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) Ops::mma(s[nt], q_frag[ks], krow[ks * 8 + t], krow[ks * 8 + t + 4]);
+      for (int ks = 0; ks < kKSteps; ks += 2) {
+        uint32_t kb[4];  // b0, b1 of step ks, then of step ks + 1
+        ldmatrix_x4(kb, krow + ks * 16);
+        Ops::mma(s[nt], q_frag[ks], kb[0], kb[1]);
+        Ops::mma(s[nt], q_frag[ks + 1], kb[2], kb[3]);
+      }
     }
 
     // ---- online softmax (exp2 domain); masked keys get -inf ----
@@ -257,7 +264,8 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
       }
     }
 
-    // ---- O += P V: the score accumulators of two n8 tiles form one A fragment of P ----
+    // ---- O += P V: the score accumulators of two n8 tiles form one A fragment of P; V^T fragments come from the
+    // row-major V tile through the transposing ldmatrix, two d tiles per load ----
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t p_frag[4];
@@ -265,13 +273,18 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
       p_frag[1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
       p_frag[2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       p_frag[3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      // matrix lane / 8: keys kk * 16 + 8 * (it % 2), d columns 8 * (it / 2) beyond dt * 8
+      const T* vrow = &v_tile[(kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * kRow + (lane / 16) * 8];
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        // B fragment (k = key, n = d): d = dt * 8 + g, keys (kk * 16 + 2t, + 8) -> V^T words kk * 8 + t, + 4
-        const uint32_t* vrow = &vt_smem[(dt * 8 + g) * kVtRowWords + kk * 8];
-        Ops::mma(acc[dt], p_frag, vrow[t], vrow[t + 4]);
+      for (int dt = 0; dt < kDTiles; dt += 2) {
+        uint32_t vb[4];  // b0, b1 of d tile dt, then of dt + 1
+        ldmatrix_x4_trans(vb, vrow + dt * 8);
+        Ops::mma(acc[dt], p_frag, vb[0], vb[1]);
+        Ops::mma(acc[dt + 1], p_frag, vb[2], vb[3]);
       }
     }
+    cp_async_wait<0>();  // the next tile has landed ...
+    __syncthreads();     // ... for every thread, and nobody reads this stage any more (it is refilled next)
   }
 
   // ---- epilogue: normalise, store out (B, N, H, d), lse and the per-head squared output norm ----
@@ -319,7 +332,9 @@ template <typename T, int D>
 void launch(const AttentionParams& p, int B, regkern_stream_t stream) {
   const dim3 grid((p.N + kBlockM - 1) / kBlockM, p.H, B);
   auto kernel = register_attention_fwd_kernel<T, D>;
-  REGKERN_LAUNCH(kernel, grid, kThreads, stream, p);
+  constexpr size_t kSmem = SmemPlan<D>::kBytes;  // 36 KiB at d = 64, 68 KiB at d = 128
+  if (kSmem > 48 * 1024) REGKERN_ALLOW_DYNAMIC_SMEM(kernel, kSmem);
+  REGKERN_LAUNCH_SMEM(kernel, grid, kThreads, kSmem, stream, p);
   REGKERN_LAUNCH_CHECK();
 }
 

@@ -10,7 +10,11 @@
   TORCH_CHECK((t).is_cpu(), name ": expected a CPU tensor for the emulated kernel, got device ", (t).device())
 #define REGKERN_DEVICE_GUARD(t)
 #define REGKERN_STREAM nullptr
-#define REGKERN_LAUNCH(kernel, grid, block, stream, ...) regkern_emu::launch(grid, block, kernel, __VA_ARGS__)
+#define REGKERN_LAUNCH(kernel, grid, block, stream, ...) regkern_emu::launch(grid, block, 0, kernel, __VA_ARGS__)
+#define REGKERN_LAUNCH_SMEM(kernel, grid, block, smem_bytes, stream, ...) \
+  regkern_emu::launch(grid, block, smem_bytes, kernel, __VA_ARGS__)
+#define REGKERN_ALLOW_DYNAMIC_SMEM(kernel, smem_bytes)
+#define REGKERN_DYNAMIC_SMEM(name) uint4* name = regkern_emu::dynamic_smem()
 #define REGKERN_LAUNCH_CHECK()
 using regkern_stream_t = void*;
 #else
@@ -25,6 +29,12 @@ using regkern_stream_t = void*;
 #define REGKERN_DEVICE_GUARD(t) const c10::cuda::CUDAGuard regkern_device_guard((t).device())
 #define REGKERN_STREAM c10::cuda::getCurrentCUDAStream()
 #define REGKERN_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define REGKERN_LAUNCH_SMEM(kernel, grid, block, smem_bytes, stream, ...) \
+  kernel<<<grid, block, smem_bytes, stream>>>(__VA_ARGS__)
+// dynamic shared memory above the 48 KiB default needs an opt-in per kernel
+#define REGKERN_ALLOW_DYNAMIC_SMEM(kernel, smem_bytes)                                                      \
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)))
+#define REGKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint4 name[]
 #define REGKERN_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 using regkern_stream_t = cudaStream_t;
 #endif
@@ -45,5 +55,60 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---- asynchronous copies and matrix loads (sm_80+); the emulator has host versions with the same semantics ----
+
+// 16-byte global -> shared copy in flight until cp_async_wait; src_bytes = 0 writes 16 zero bytes instead
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#ifdef REGKERN_EMULATE
+  regkern_emu::cp_async_16(smem, gmem, src_bytes);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef REGKERN_EMULATE
+  regkern_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// wait until at most `kPending` committed groups of this thread are still in flight
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef REGKERN_EMULATE
+  regkern_emu::cp_async_wait(kPending);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory: lane 8 * i + r gives the address of row r of matrix i;
+// register i of lane l receives elements (l / 4, 2 * (l % 4) + {0, 1}) of matrix i, or with the transpose
+// variant elements (2 * (l % 4) + {0, 1}, l / 4) (the low half holds the first).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#ifdef REGKERN_EMULATE
+  regkern_emu::ldmatrix_x4(r, smem_row, false);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#ifdef REGKERN_EMULATE
+  regkern_emu::ldmatrix_x4(r, smem_row, true);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
 
 }  // namespace regkern

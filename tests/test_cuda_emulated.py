@@ -1,11 +1,12 @@
 """The CUDA kernels of csrc/ executed on the CPU: csrc/emulation/ compiles the very .cu sources (kernels and
 launchers) for a host emulator of the CUDA features they use, and these tests compare them with regkern.reference.
 
-What this proves without a GPU: tiling, the two key segments, masking of ragged tails, shared-memory layout and the
-V^T interleave, fragment indexing against the PTX mma.m16n8k16 layout, online softmax, LSE, the out_norm epilogue,
-stride/alignment handling and that every output element is written (outputs are NaN-filled first). What it cannot
-prove: anything the emulator models by assumption (the PTX fragment layout, warp-synchronous execution), timing, and
-the device compiler's code generation; tests/test_gpu_cuda.py covers those on a GPU.
+What this proves without a GPU: tiling, the two key segments, masking of ragged tails (zero-filled copies), the
+double-buffered cp.async pipeline (the emulator defers copies to their wait_group, so a missing wait reads stale
+data), shared-memory layout, ldmatrix/mma fragment indexing against the PTX layouts, online softmax, LSE, the
+out_norm epilogue, stride/alignment handling and that every output element is written (outputs are NaN-filled
+first). What it cannot prove: what the emulator models by assumption (the PTX layouts, warp-synchronous execution),
+timing, and the device compiler's code generation; tests/test_gpu_cuda.py covers those on a GPU.
 
 Tolerance: the kernel's error against the float32 reference is at most 2x PyTorch's own eager error in the same
 dtype (on the CPU here), as for every kernel.

@@ -5,7 +5,11 @@
 //   __shfl_xor_sync     -> an exchange through a per-warp buffer between two barriers of the warp's 32 threads
 //   mma.sync m16n8k16   -> every lane posts its A/B fragments, then computes its own C elements from the whole
 //                          warp's, by the PTX ISA's fragment layout (row-major A, column-major B, f32 accumulate)
-// Every lane of a warp must reach each shuffle/mma, as on the GPU with a full mask. Not a performance model.
+//   ldmatrix.x4[.trans] -> every lane posts its row address, then gathers its elements by the PTX layout
+//   cp.async            -> copies queued per thread and carried out at cp.async.wait_group, group by group, so a
+//                          kernel that reads shared memory before waiting sees stale data here too
+//   dynamic shared mem  -> one buffer per block
+// Every lane of a warp must reach each shuffle/mma/ldmatrix, as on the GPU with a full mask. Not a performance model.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +18,8 @@
 #include <vector_types.h>
 
 #include <algorithm>
+#include <atomic>
+#include <stdexcept>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -47,8 +53,9 @@ struct Index {
 };
 
 struct Block {
-  explicit Block(unsigned threads)
-      : sync(static_cast<std::ptrdiff_t>(threads)), exchange((threads + 31) / 32 * 32 * 8, 0u) {
+  Block(unsigned threads, size_t dynamic_bytes)
+      : sync(static_cast<std::ptrdiff_t>(threads)), exchange((threads + 31) / 32 * 32 * 8, 0u),
+        dynamic((dynamic_bytes + 15) / 16) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
       const unsigned lanes = std::min(32u, threads - 32 * w);
       warps.push_back(std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(lanes)));
@@ -56,12 +63,24 @@ struct Block {
   }
   std::barrier<> sync;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<uint32_t> exchange;  // 8 words per thread: shuffle values and mma fragments
+  std::vector<uint32_t> exchange;  // 8 words per thread: shuffle values, mma fragments, ldmatrix addresses
+  std::vector<uint4> dynamic;      // dynamic shared memory
+  std::atomic<bool> unfinished_copies{false};
+};
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;
 };
 
 inline thread_local Index thread_index, block_index;
 inline Index grid_dim, block_dim;
 inline thread_local Block* current_block = nullptr;
+inline thread_local std::vector<PendingCopy> open_group;
+inline thread_local std::vector<std::vector<PendingCopy>> committed_groups;
+
+inline uint4* dynamic_smem() { return current_block->dynamic.data(); }
 
 inline unsigned linear_thread() { return thread_index.x; }
 inline uint32_t* slot(unsigned thread) { return &current_block->exchange[thread * 8]; }
@@ -129,16 +148,65 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
 
-// Run kernel(args...) over grid x block, one block at a time.
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { open_group.push_back({dst, src, src_bytes}); }
+
+inline void cp_async_commit() {
+  committed_groups.push_back(std::move(open_group));
+  open_group.clear();
+}
+
+inline void cp_async_wait(int pending) {
+  while (static_cast<int>(committed_groups.size()) > pending) {
+    for (const PendingCopy& c : committed_groups.front()) {
+      std::memset(c.dst, 0, 16);
+      if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+    }
+    committed_groups.erase(committed_groups.begin());
+  }
+}
+
+inline uint16_t load16(const void* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_address, bool transpose) {
+  const unsigned me = linear_thread();
+  const uintptr_t mine = reinterpret_cast<uintptr_t>(row_address);
+  std::memcpy(slot(me), &mine, sizeof(mine));
+  warp_sync();
+  const unsigned base = me & ~31u;
+  const int lane = static_cast<int>(me & 31u);
+  auto row = [&](int matrix, int r) {
+    uintptr_t a;
+    std::memcpy(&a, slot(base + 8 * matrix + r), sizeof(a));
+    return reinterpret_cast<const unsigned char*>(a);
+  };
+  for (int i = 0; i < 4; ++i) {
+    uint32_t lo, hi;
+    if (!transpose) {  // row lane / 4, elements 2 * (lane % 4) and + 1
+      lo = load16(row(i, lane / 4) + 2 * (2 * (lane % 4)));
+      hi = load16(row(i, lane / 4) + 2 * (2 * (lane % 4) + 1));
+    } else {  // rows 2 * (lane % 4) and + 1, element lane / 4
+      lo = load16(row(i, 2 * (lane % 4)) + 2 * (lane / 4));
+      hi = load16(row(i, 2 * (lane % 4) + 1) + 2 * (lane / 4));
+    }
+    r[i] = lo | (hi << 16);
+  }
+  warp_sync();
+}
+
+// Run kernel(args...) over grid x block (with dynamic_bytes of dynamic shared memory), one block at a time.
 template <typename Kernel, typename... Args>
-void launch(dim3 grid, dim3 block, Kernel kernel, const Args&... args) {
+void launch(dim3 grid, dim3 block, size_t dynamic_bytes, Kernel kernel, const Args&... args) {
   if (block.y != 1 || block.z != 1) throw std::runtime_error("emulator: 1-D blocks only");
   grid_dim = {grid.x, grid.y, grid.z};
   block_dim = {block.x, 1, 1};
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
-        Block state(block.x);
+        Block state(block.x, dynamic_bytes);
         std::vector<std::thread> threads;
         threads.reserve(block.x);
         for (unsigned t = 0; t < block.x; ++t) {
@@ -147,9 +215,17 @@ void launch(dim3 grid, dim3 block, Kernel kernel, const Args&... args) {
             block_index = {x, y, z};
             current_block = &state;
             kernel(args...);
+            if (!committed_groups.empty() || !open_group.empty()) {  // reported after the join
+              committed_groups.clear();
+              open_group.clear();
+              state.unfinished_copies = true;
+            }
           });
         }
         for (auto& th : threads) th.join();
+        if (state.unfinished_copies) {
+          throw std::runtime_error("emulator: a thread finished with cp.async copies it never waited for");
+        }
       }
     }
   }
