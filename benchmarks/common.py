@@ -64,6 +64,17 @@ def cuda_backend_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def peak_memory_bytes(fn, device: torch.device) -> Optional[int]:
+    """Peak CUDA memory one more call of ``fn`` allocates beyond what is live (None off the GPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() - base
+
+
 def _median_seconds(fn, device, repeats):
     fn()
     sync(device)

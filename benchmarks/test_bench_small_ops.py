@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import regkern
-from benchmarks.common import cuda_backend_unavailable, on_gpu, record, sync
+from benchmarks.common import cuda_backend_unavailable, on_gpu, peak_memory_bytes, record, sync
 
 # (id, B, N, C)
 LN_SHAPES = ([("ln-vitb14reg4-224", 64, 261, 768), ("ln-vitl14reg4-518", 32, 1374, 1024)] if on_gpu()
@@ -66,13 +66,7 @@ def measure(benchmark, device, fn, contender):
         sync(device)
     except ValueError as err:  # an explicitly named backend refusing this call, e.g. a C beyond its limit
         pytest.skip(f"{contender} cannot run here: {str(err).splitlines()[0]}")
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated() - base
+    peak = peak_memory_bytes(fn, device)
     every = 10 if device.type == "cuda" else 1
     run = sync_every(fn, device, every)
     run.reset()

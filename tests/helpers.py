@@ -35,6 +35,12 @@ def eager_attention(q, k, v, reg_k=None, reg_v=None, scale=None):
     return (attn.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
 
 
+def attention_case_id(case):
+    """Readable id of an attention test case (B, N, H, d, R, shared, P), e.g. B2-N261-H4-D64-R4s-P5."""
+    B, N, H, d, R, shared, P = case
+    return f"B{B}-N{N}-H{H}-D{d}-R{R}{'s' if shared else 'b'}-P{P}"
+
+
 def max_error(x, ref):
     return (x.float() - ref.float()).abs().max().item()
 

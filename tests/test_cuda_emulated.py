@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from regkern import cuda_ext, reference
-from tests.helpers import eager_attention, max_error, packed_qkv, registers
+from tests.helpers import attention_case_id, eager_attention, max_error, packed_qkv, registers
 
 REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("REGKERN_REQUIRE_CUDA_EXT") == "1"
 
@@ -50,13 +50,8 @@ CASES = [  # (B, N, H, d, R, shared, P)
 ]
 
 
-def _case_id(c):
-    B, N, H, d, R, shared, P = c
-    return f"B{B}-N{N}-H{H}-D{d}-R{R}{'s' if shared else 'b'}-P{P}"
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=attention_case_id)
 def test_emulated_attention_kernel_matches_reference(emu, case, dtype):
     B, N, H, d, R, shared, P = case
     q, k, v = packed_qkv(B, N, H, d, dtype=dtype, seed=N + d)
@@ -112,3 +107,13 @@ def test_emulated_embed_tokens_kernel_matches_reference_exactly(emu, dtype, no_e
     assert torch.equal(got, reference.embed_tokens(x, pos, cls, reg, no_embed_class=no_embed_class))
     got = emu.cuda_embed_tokens(x, None, None, reg, no_embed_class)
     assert torch.equal(got, reference.embed_tokens(x, None, None, reg, no_embed_class=no_embed_class))
+
+
+def test_emulated_layer_norm_unaligned_rows_take_the_scalar_path(emu):
+    C = 64
+    flat = torch.randn(5 * C + 1).to(torch.float16)
+    x = flat[1:].view(5, C)  # contiguous, 2 bytes off a 16-byte boundary: no 16-byte loads
+    y, norms, _, _ = emu.cuda_layer_norm_fwd(x, None, None, 1e-5)
+    y_ref, norms_ref = reference.layer_norm_with_norms(x.float(), None, None, 1e-5)
+    assert max_error(y, y_ref) <= 2 * max_error(torch.nn.functional.layer_norm(x, (C,), eps=1e-5), y_ref) + 2e-5
+    torch.testing.assert_close(norms, norms_ref, atol=1e-4, rtol=1e-5)

@@ -18,7 +18,7 @@ import torch
 import regkern
 from regkern import cuda_ext, dispatch_table, reference
 from regkern.backends import AttentionRequest, resolve_backend
-from tests.helpers import max_error, one_thread, packed_qkv, registers  # noqa: F401 (fixture)
+from tests.helpers import attention_case_id, max_error, one_thread, packed_qkv, registers  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("REGKERN_REQUIRE_CUDA_EXT") == "1"
@@ -145,13 +145,8 @@ ATTENTION_CASES = [  # (B, N, H, d, R, shared, P)
 ]
 
 
-def _case_id(c):
-    B, N, H, d, R, shared, P = c
-    return f"B{B}-N{N}-H{H}-D{d}-R{R}{'s' if shared else 'b'}-P{P}"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=attention_case_id)
 def test_attention_op_cpu_matches_reference(ext, case, dtype, monkeypatch):
     monkeypatch.setenv("REGKERN_DEBUG_NAN_FILL", "1")
     B, N, H, d, R, shared, P = case

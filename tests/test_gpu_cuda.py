@@ -16,7 +16,7 @@ import torch
 
 import regkern
 from regkern import cuda_ext, reference
-from tests.helpers import eager_attention, max_error, packed_qkv, registers
+from tests.helpers import attention_case_id, eager_attention, max_error, packed_qkv, registers
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,14 +45,9 @@ ATTENTION_CASES = [  # (B, N, H, d, R, shared, P)
 ]
 
 
-def _case_id(c):
-    B, N, H, d, R, shared, P = c
-    return f"B{B}-N{N}-H{H}-D{d}-R{R}{'s' if shared else 'b'}-P{P}"
-
-
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=attention_case_id)
 def test_attention_forward_matches_reference(case, dtype, backend):
     B, N, H, d, R, shared, P = case
     q, k, v = packed_qkv(B, N, H, d, dtype=dtype, device="cuda", seed=N)
