@@ -40,6 +40,7 @@ using regkern_stream_t = cudaStream_t;
 #endif
 
 #include <cstdint>
+#include <cstring>
 
 namespace regkern {
 
@@ -55,6 +56,46 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---- VEC consecutive elements as float: VEC = 8 moves 16 bytes of 16-bit types (32 of float) per access and needs
+// 16-byte aligned addresses; VEC = 1 any address. The copy between uint4 words and typed elements is a register move
+// (memcpy), never a type-punned access.
+template <typename T, int VEC>
+struct Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&f)[VEC]) {
+  Vec<T, VEC> raw;
+  if constexpr (VEC == 1) {
+    raw.v[0] = *p;
+  } else {
+    constexpr int kWords = sizeof(Vec<T, VEC>) / 16;
+    uint4 words[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = reinterpret_cast<const uint4*>(p)[w];
+    memcpy(&raw, words, sizeof(raw));
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) f[i] = to_float(raw.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[VEC]) {
+  Vec<T, VEC> raw;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) raw.v[i] = from_float<T>(f[i]);
+  if constexpr (VEC == 1) {
+    *p = raw.v[0];
+  } else {
+    constexpr int kWords = sizeof(Vec<T, VEC>) / 16;
+    uint4 words[kWords];
+    memcpy(words, &raw, sizeof(raw));
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(p)[w] = words[w];
+  }
+}
 
 // ---- asynchronous copies and matrix loads (sm_80+); the emulator has host versions with the same semantics ----
 

@@ -2,7 +2,8 @@
 //
 // One warp per row: float32 mean, then the centred variance and the raw sum of squares (the input token's L2 norm,
 // where high-norm artifacts show) in a second pass, then y = (x - mean) * rstd * weight + bias rounded once.
-// Rows of 16-bit values are read 8 elements (16 bytes) at a time when C % 8 == 0 and the rows are aligned.
+// Rows are read 8 elements (16 or 32 bytes) at a time when C % 8 == 0 and the rows are aligned, and kept in
+// registers between the passes up to C = 2048.
 #include "regkern.h"
 
 #include "cuda_launch.cuh"
@@ -15,90 +16,99 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;
 
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// VEC elements per access: 8 (16-byte loads of 16-bit types, two of float) or 1
-template <typename T, int VEC>
-struct Vec {
-  T v[VEC];
-};
 
 template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* p, float (&f)[VEC]) {
-  Vec<T, VEC> raw;
-  if constexpr (VEC == 1) {
-    raw.v[0] = *p;
-  } else {
-    // 16-byte global loads, then a register copy into the typed elements (no type-punned access)
-    constexpr int kWords = sizeof(Vec<T, VEC>) / 16;
-    uint4 words[kWords];
+__device__ __forceinline__ void store_normalized(T* dst, const float (&f)[VEC], int c, float mean, float rstd,
+                                                 const float* __restrict__ weight, const float* __restrict__ bias) {
+  float out[VEC];
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) words[w] = reinterpret_cast<const uint4*>(p)[w];
-    memcpy(&raw, words, sizeof(raw));
+  for (int i = 0; i < VEC; ++i) {
+    float val = (f[i] - mean) * rstd;
+    if (weight != nullptr) val *= weight[c + i];
+    if (bias != nullptr) val += bias[c + i];
+    out[i] = val;
   }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) f[i] = to_float(raw.v[i]);
+  store_vec<T, VEC>(dst, out);
 }
 
-template <typename T, int VEC>
+// kCached > 0: each lane keeps its kCached chunks of the row in registers, so the row is read from memory once
+// (C <= 32 * VEC * kCached); kCached = 0: any C, the row is read three times (the later passes mostly from cache).
+template <typename T, int VEC, int kCached>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
     layer_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
                           T* __restrict__ y, float* __restrict__ norms, float* __restrict__ mean_out,
                           float* __restrict__ rstd_out, int64_t rows, int C, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
+  if (row >= rows) return;  // whole warps leave together: the shuffles below see all 32 lanes
   const T* xr = x + row * C;
   T* yr = y + row * C;
   constexpr int kStep = 32 * VEC;
 
-  float sum = 0.f;
-  for (int c = lane * VEC; c < C; c += kStep) {
-    float f[VEC];
-    load<T, VEC>(xr + c, f);
+  float mean, rstd, squares = 0.f, centred = 0.f, sum = 0.f;
+  if constexpr (kCached > 0) {
+    float f[kCached][VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) sum += f[i];
-  }
-  const float mean = warp_sum(sum) / C;
-  float centred = 0.f, squares = 0.f;
-  for (int c = lane * VEC; c < C; c += kStep) {
-    float f[VEC];
-    load<T, VEC>(xr + c, f);
+    for (int i = 0; i < kCached; ++i) {
+      const int c = i * kStep + lane * VEC;
+      if (c < C) {
+        load_vec<T, VEC>(xr + c, f[i]);
+      } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float diff = f[i] - mean;
-      centred += diff * diff;
-      squares += f[i] * f[i];
+        for (int e = 0; e < VEC; ++e) f[i][e] = 0.f;  // zeros add nothing to the sums
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum += f[i][e];
+    }
+    mean = warp_sum(sum) / C;
+#pragma unroll
+    for (int i = 0; i < kCached; ++i) {
+      if (i * kStep + lane * VEC >= C) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float diff = f[i][e] - mean;
+        centred += diff * diff;
+        squares += f[i][e] * f[i][e];
+      }
+    }
+    rstd = rsqrtf(warp_sum(centred) / C + eps);
+#pragma unroll
+    for (int i = 0; i < kCached; ++i) {
+      const int c = i * kStep + lane * VEC;
+      if (c < C) store_normalized<T, VEC>(yr + c, f[i], c, mean, rstd, weight, bias);
+    }
+  } else {
+    for (int c = lane * VEC; c < C; c += kStep) {
+      float f[VEC];
+      load_vec<T, VEC>(xr + c, f);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum += f[e];
+    }
+    mean = warp_sum(sum) / C;
+    for (int c = lane * VEC; c < C; c += kStep) {
+      float f[VEC];
+      load_vec<T, VEC>(xr + c, f);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float diff = f[e] - mean;
+        centred += diff * diff;
+        squares += f[e] * f[e];
+      }
+    }
+    rstd = rsqrtf(warp_sum(centred) / C + eps);
+    for (int c = lane * VEC; c < C; c += kStep) {
+      float f[VEC];
+      load_vec<T, VEC>(xr + c, f);
+      store_normalized<T, VEC>(yr + c, f, c, mean, rstd, weight, bias);
     }
   }
-  const float rstd = rsqrtf(warp_sum(centred) / C + eps);
   squares = warp_sum(squares);
-  for (int c = lane * VEC; c < C; c += kStep) {
-    float f[VEC];
-    load<T, VEC>(xr + c, f);
-    Vec<T, VEC> out;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      float val = (f[i] - mean) * rstd;
-      if (weight != nullptr) val *= weight[c + i];
-      if (bias != nullptr) val += bias[c + i];
-      out.v[i] = from_float<T>(val);
-    }
-    if constexpr (VEC == 1) {
-      yr[c] = out.v[0];
-    } else {
-      constexpr int kWords = sizeof(Vec<T, VEC>) / 16;
-      uint4 words[kWords];
-      memcpy(words, &out, sizeof(out));
-#pragma unroll
-      for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(yr + c)[w] = words[w];
-    }
-  }
   if (lane == 0) {
     norms[row] = sqrtf(squares);
     mean_out[row] = mean;
@@ -113,15 +123,13 @@ void launch(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, 
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;  // y is a fresh allocation
-  if (vec) {
-    auto kernel = layer_norm_fwd_kernel<T, 8>;
-    REGKERN_LAUNCH(kernel, grid, kRowsPerBlock * 32, stream, xp, w, b, yp, norms.data_ptr<float>(),
-                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
-  } else {
-    auto kernel = layer_norm_fwd_kernel<T, 1>;
-    REGKERN_LAUNCH(kernel, grid, kRowsPerBlock * 32, stream, xp, w, b, yp, norms.data_ptr<float>(),
-                   mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
-  }
+  // rows held in registers up to C = 1024 (ViT-S/B/L) or 2048 (ViT-g), 8 elements per load
+  auto kernel = !vec ? layer_norm_fwd_kernel<T, 1, 0>
+                : C <= 32 * 8 * 4 ? layer_norm_fwd_kernel<T, 8, 4>
+                : C <= 32 * 8 * 8 ? layer_norm_fwd_kernel<T, 8, 8>
+                                  : layer_norm_fwd_kernel<T, 8, 0>;
+  REGKERN_LAUNCH(kernel, grid, kRowsPerBlock * 32, stream, xp, w, b, yp, norms.data_ptr<float>(),
+                 mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, C, eps);
   REGKERN_LAUNCH_CHECK();
 }
 

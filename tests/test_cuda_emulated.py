@@ -80,7 +80,8 @@ def test_emulated_attention_strided_and_unaligned_inputs(emu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(3, 17, 768), (2, 5, 100), (1, 1, 8)], ids=["C768-vec", "C100-scalar", "C8"])
+@pytest.mark.parametrize("shape", [(3, 17, 768), (2, 3, 1536), (2, 2, 2056), (2, 5, 100), (1, 1, 8)],
+                         ids=["C768-cached4", "C1536-cached8", "C2056-reread", "C100-scalar", "C8"])
 def test_emulated_layer_norm_kernel_matches_reference(emu, shape, dtype):
     C = shape[-1]
     x = (torch.randn(shape) * 3 + 1).to(dtype)
@@ -98,9 +99,13 @@ def test_emulated_layer_norm_kernel_matches_reference(emu, shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("no_embed_class", [True, False])
-def test_emulated_embed_tokens_kernel_matches_reference_exactly(emu, dtype, no_embed_class):
-    B, C, R = 2, 40, 3
+@pytest.mark.parametrize("C, layout", [(40, "grid"), (12, "grid"), (40, "strided")],
+                         ids=["C40-vec", "C12-scalar", "C40-strided-scalar"])
+def test_emulated_embed_tokens_kernel_matches_reference_exactly(emu, dtype, no_embed_class, C, layout):
+    B, R = 2, 3
     x = torch.randn(B, 3, 4, C).to(dtype)
+    if layout == "strided":  # channels not unit-stride: the one-element path
+        x = torch.randn(B, C, 12).to(dtype).transpose(1, 2)
     cls, reg = torch.randn(1, 1, C).to(dtype), torch.randn(1, R, C).to(dtype)
     pos = torch.randn(1, 12 if no_embed_class else 12 + 1 + R, C).to(dtype)
     got = emu.cuda_embed_tokens(x, pos, cls, reg, no_embed_class)
