@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace regkern {
 namespace {
@@ -26,56 +27,35 @@ constexpr int kPad = 8;               // row padding (elements) so fragment load
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Two floats rounded to T and packed into one 32-bit fragment register (the first in the low half).
 template <typename T>
-struct MmaOps;
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = from_float<T>(lo), b = from_float<T>(hi);
+  uint16_t bits_a, bits_b;
+  memcpy(&bits_a, &a, 2);  // register moves; no type-punned access
+  memcpy(&bits_b, &b, 2);
+  return uint32_t(bits_a) | (uint32_t(bits_b) << 16);
+}
 
-template <>
-struct MmaOps<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    uint32_t bits;
-    memcpy(&bits, &h, 4);  // a register move; no type-punned access
-    return bits;
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#ifdef REGKERN_EMULATE
-    regkern_emu::mma_m16n8k16<__half>(c, a, b0, b1);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-  static __device__ __forceinline__ void store2(__half* dst, float lo, float hi) {
-    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
-  }
-};
+#define REGKERN_MMA_M16N8K16(TYPES)                                                                        \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
+               "{%0,%1,%2,%3};\n"                                                                         \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
-template <>
-struct MmaOps<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t bits;
-    memcpy(&bits, &h, 4);
-    return bits;
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// c += A (16x16, row-major fragments a) * B (16x8, column-major fragments b0, b1), float32 accumulate
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #ifdef REGKERN_EMULATE
-    regkern_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1);
+  regkern_emu::mma_m16n8k16<T>(c, a, b0, b1);
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<T, __half>) {
+    REGKERN_MMA_M16N8K16("f16.f16");
+  } else {
+    REGKERN_MMA_M16N8K16("bf16.bf16");
+  }
 #endif
-  }
-  static __device__ __forceinline__ void store2(__nv_bfloat16* dst, float lo, float hi) {
-    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
-  }
-};
+}
 
 struct AttentionParams {
   const void* q;
@@ -147,7 +127,6 @@ __device__ __forceinline__ void issue_key_tile(const AttentionParams& p, int b, 
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const AttentionParams p) {
-  using Ops = MmaOps<T>;
   using Plan = SmemPlan<D>;
   constexpr int kRow = Plan::kRow;
   constexpr int kDTiles = D / 8;        // n8 tiles of the output
@@ -221,8 +200,8 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
       for (int ks = 0; ks < kKSteps; ks += 2) {
         uint32_t kb[4];  // b0, b1 of step ks, then of step ks + 1
         ldmatrix_x4(kb, krow + ks * 16);
-        Ops::mma(s[nt], q_frag[ks], kb[0], kb[1]);
-        Ops::mma(s[nt], q_frag[ks + 1], kb[2], kb[3]);
+        mma_m16n8k16<T>(s[nt], q_frag[ks], kb[0], kb[1]);
+        mma_m16n8k16<T>(s[nt], q_frag[ks + 1], kb[2], kb[3]);
       }
     }
 
@@ -269,18 +248,18 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t p_frag[4];
-      p_frag[0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
-      p_frag[1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
-      p_frag[2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p_frag[3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_frag[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p_frag[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p_frag[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p_frag[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       // matrix lane / 8: keys kk * 16 + 8 * (it % 2), d columns 8 * (it / 2) beyond dt * 8
       const T* vrow = &v_tile[(kk * 16 + (lane / 8 % 2) * 8 + lane % 8) * kRow + (lane / 16) * 8];
 #pragma unroll
       for (int dt = 0; dt < kDTiles; dt += 2) {
         uint32_t vb[4];  // b0, b1 of d tile dt, then of dt + 1
         ldmatrix_x4_trans(vb, vrow + dt * 8);
-        Ops::mma(acc[dt], p_frag, vb[0], vb[1]);
-        Ops::mma(acc[dt + 1], p_frag, vb[2], vb[3]);
+        mma_m16n8k16<T>(acc[dt], p_frag, vb[0], vb[1]);
+        mma_m16n8k16<T>(acc[dt + 1], p_frag, vb[2], vb[3]);
       }
     }
     cp_async_wait<0>();  // the next tile has landed ...
@@ -304,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
     for (int dt = 0; dt < kDTiles; ++dt) {
       const float o0 = acc[dt][2 * r] * inv[r], o1 = acc[dt][2 * r + 1] * inv[r];
       sq[r] += o0 * o0 + o1 * o1;
-      if (n < p.N) Ops::store2(orow + dt * 8 + 2 * t, o0, o1);
+      if (n < p.N) *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = pack2<T>(o0, o1);
     }
     sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 1);
     sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], 2);
