@@ -56,12 +56,8 @@ def cuda_backend_unavailable(device: torch.device) -> Optional[str]:
         return "the regkern CUDA backend needs a CUDA GPU"
     from regkern import cuda_ext
 
-    status = cuda_ext.load()
-    if not status.loaded:
-        return f"the regkern CUDA extension is unavailable: {status.reason}"
-    if not status.with_cuda:  # an extension built without nvcc registers its ops but has no kernels to time
-        return "the regkern CUDA extension was built without its CUDA kernels"
-    return None
+    reasons = cuda_ext.not_loaded_reasons("cuda")
+    return reasons[0] if reasons else None
 
 
 def peak_memory_bytes(fn, device: torch.device) -> Optional[int]:

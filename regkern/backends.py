@@ -239,11 +239,7 @@ class CudaBackend(AttentionBackend):
                            "them)")
         from . import cuda_ext
 
-        status = cuda_ext.load(build=not reasons)  # no just-in-time build for a call it could not serve anyway
-        if not status.loaded:
-            reasons.append(f"the CUDA extension is not available: {status.reason}")
-        elif request.device_type == "cuda" and not status.with_cuda:
-            reasons.append("the CUDA extension was built without its CUDA kernels")
+        reasons += cuda_ext.not_loaded_reasons(request.device_type, build=not reasons)  # no build for a refused call
         return reasons
 
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):

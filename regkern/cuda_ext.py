@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["ExtensionStatus", "load", "available", "why_unavailable", "status", "load_emulator", "SOURCES", "ENV_VAR"]
+__all__ = [
+    "ExtensionStatus", "load", "available", "why_unavailable", "not_loaded_reasons", "status", "load_emulator",
+    "SOURCES", "ENV_VAR",
+]
 
 ENV_VAR = "REGKERN_CUDA_EXT"
 MODES = ("auto", "prebuilt", "jit", "off")
@@ -172,6 +175,18 @@ def load(build: bool = True) -> ExtensionStatus:
         _status = ExtensionStatus(True, source, with_cuda, f"loaded ({source}, CUDA kernels "
                                   f"{'compiled in' if with_cuda else 'absent: CPU implementations only'})")
         return _status
+
+
+def not_loaded_reasons(device_type: str, build: bool = True) -> List[str]:
+    """Why the extension cannot serve a call on ``device_type`` ([] when it can): not loaded, or (for CUDA tensors)
+    built without its CUDA kernels. ``build``: allow the just-in-time build (callers pass False when the call is
+    refused for other reasons anyway, so no minutes-long build happens for nothing)."""
+    s = load(build)
+    if not s.loaded:
+        return [f"the CUDA extension is not available: {s.reason}"]
+    if device_type == "cuda" and not s.with_cuda:
+        return ["the CUDA extension was built without its CUDA kernels"]
+    return []
 
 
 def status() -> Optional[ExtensionStatus]:

@@ -295,7 +295,8 @@ def entries_from_bench(results: dict, margin: float = 1.03, source: Optional[str
 
     For every op, GPU, dtype, dim and N measured in forward mode by both the default's contender and the CUDA
     backend's (``regkern-triton`` and ``regkern-cuda``; ``regkern-reference`` for embed_tokens), one entry for
-    exactly that N (for layer_norm, whose modules choose without knowing N: one entry for every length, pooled): "cuda" when it is at least ``margin`` times faster, else "triton". Shapes sharing a key (e.g.
+    exactly that N (for layer_norm, whose modules choose without knowing N: one entry for every length, pooled): "cuda"
+    when it is at least ``margin`` times faster, else "triton". Shapes sharing a key (e.g.
     two batch sizes at the same N) are pooled: the ratio of their summed median times.
 
     Args:

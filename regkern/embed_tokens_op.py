@@ -39,11 +39,7 @@ def embed_tokens_not_supported_reasons(backend: str, x, pos_embed, cls_token, re
             reasons.append(f"{name} is {t.dtype}, x is {x.dtype}: the CUDA kernel needs one dtype")
     from . import cuda_ext
 
-    status = cuda_ext.load(build=not reasons)
-    if not status.loaded:
-        reasons.append(f"the CUDA extension is not available: {status.reason}")
-    elif x.device.type == "cuda" and not status.with_cuda:
-        reasons.append("the CUDA extension was built without its CUDA kernels")
+    reasons += cuda_ext.not_loaded_reasons(x.device.type, build=not reasons)  # no build for a refused call
     return reasons
 
 
@@ -86,7 +82,8 @@ def embed_tokens(
     no_embed_class: bool = False,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """The entry sequence [CLS, registers, patches] with position embeddings, as timm's ``VisionTransformer._pos_embed``.
+    """The entry sequence [CLS, registers, patches] with position embeddings, as timm's
+    ``VisionTransformer._pos_embed``.
 
     Args:
         x: (B, M, C) patch tokens, or (B, Hp, Wp, C) (flattened row-major to M = Hp * Wp).

@@ -9,7 +9,8 @@ when weight/bias are absent (ops cannot return None).
 
 ``impl`` is "triton" (``regkern.layer_norm_triton``: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda"
 (the extension's ``regkern::cuda_layer_norm_fwd``: its CUDA kernel, or its C++ reference on CPU tensors; the backward
-runs the Triton kernel on CUDA tensors and the reference on the CPU) or "reference" (PyTorch, float32 math on any device; float64 inputs are computed in float64). Being opaque ops with fake
+runs the Triton kernel on CUDA tensors and the reference on the CPU) or "reference" (PyTorch, float32 math on any
+device; float64 inputs are computed in float64). Being opaque ops with fake
 implementations and registered autograd, they compose with ``torch.compile(fullgraph=True)``. Under CUDA autocast
 the forward runs in float32, as ``F.layer_norm`` does.
 """
@@ -224,11 +225,7 @@ def _cuda_not_supported_reasons(device_type: str, dtype: torch.dtype) -> List[st
         reasons.append(f"device type {device_type!r} is not supported (CUDA; CPU runs the C++ reference)")
     from . import cuda_ext
 
-    status = cuda_ext.load(build=not reasons)
-    if not status.loaded:
-        reasons.append(f"the CUDA extension is not available: {status.reason}")
-    elif device_type == "cuda" and not status.with_cuda:
-        reasons.append("the CUDA extension was built without its CUDA kernels")
+    reasons += cuda_ext.not_loaded_reasons(device_type, build=not reasons)  # no build for a refused call
     return reasons
 
 
@@ -250,7 +247,8 @@ def choose_layer_norm_backend(
     None / "auto": on CUDA, "cuda" where the measured dispatch table (``regkern.dispatch_table``, keyed on the
     device's compute capability, dtype and C) says the CUDA kernel is faster, else "triton" when it supports the
     call; "reference" otherwise (the interpreter is never picked automatically). ``device``: the CUDA device whose
-    capability keys the table (default: the current one). An explicitly named backend must be able to run, else ValueError naming ``backend`` and why."""
+    capability keys the table (default: the current one). An explicitly named backend must be able to run, else
+    ValueError naming ``backend`` and why."""
     name = check_layer_norm_backend_name(backend)
     where = f"{device_type}/{str(dtype).replace('torch.', '')}"
     if name != "auto":
@@ -288,7 +286,8 @@ def layer_norm_with_norms(
     Args:
         backend: None or "auto" (on CUDA "cuda" where the measured dispatch table prefers it, else "triton";
             "reference" elsewhere), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda" (the csrc/ kernel;
-            CPU tensors run its C++ reference) or "reference". ValueError when an explicitly named backend cannot run."""
+            CPU tensors run its C++ reference) or "reference". ValueError when an explicitly named backend cannot
+            run."""
     check_layer_norm_inputs(x, weight, bias, eps)
     impl, _ = choose_layer_norm_backend(backend, x.device.type, x.dtype, x.shape[-1], device=x.device)
     y, norms, _, _ = layer_norm_fwd(x, weight, bias, float(eps), impl)
