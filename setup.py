@@ -1,33 +1,58 @@
-"""Build entry for regkern.
+"""Build entry for regkern: the optional CUDA extension and the csrc/ sources shipped as package data.
 
-The pure-Python package always installs. The CUDA extension ``regkern._C`` (csrc/) is compiled here when a
-CUDA-enabled torch and nvcc are importable/visible to this build, i.e. with ``pip install --no-build-isolation -e .``
-(pip's default isolated build has no torch, so it installs the Python package only; the extension is then built
-just in time on first use, see ``regkern.cuda_ext``).
+Metadata, dependencies and the version live in pyproject.toml. The pure-Python package always installs. The CUDA
+extension ``regkern._C`` (csrc/) is compiled here when a CUDA-enabled torch and nvcc are importable/visible to this
+build, i.e. with ``pip install --no-build-isolation .`` (pip's default isolated build has no torch, so it installs the
+Python package only; the extension is then built just in time on first use, see ``regkern.ops.cuda_ext``).
+
+Every non-editable build copies csrc/ into the package (``regkern/csrc``), so an installed wheel can still build the
+extension just in time; csrc/ itself stays at the top of the repository.
 
 Environment:
     REGKERN_BUILD_CUDA    "auto" (default): build when possible, say why not otherwise; "1": build or fail;
                           "0": never build.
     TORCH_CUDA_ARCH_LIST  GPU architectures to compile for; default "8.0;9.0" (A100, H100/H200).
     MAX_JOBS              parallel compile jobs (ninja).
-    CUDA_HOME             the CUDA toolkit (the directory above bin/nvcc).
+    CUDA_HOME             the CUDA toolkit (the directory above bin/nvcc); found behind the nvcc on PATH otherwise.
 """
 
+import importlib.util
 import os
+import shutil
 import sys
+from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
-CSRC = ["csrc/ops.cpp", "csrc/attention.cu", "csrc/layer_norm.cu", "csrc/embed_tokens.cu"]
-DEFAULT_ARCHS = "8.0;9.0"
+ROOT = Path(__file__).resolve().parent
 
 
-def cuda_build_flags():
-    """Compiler flags shared with the just-in-time build (regkern/cuda_ext.py keeps a copy in sync); the C++
-    standard is left to torch's builder (C++17 or C++20, whichever that torch needs)."""
-    cxx = ["-O3", "-DREGKERN_WITH_CUDA"]
-    nvcc = ["-O3", "-lineinfo", "-DREGKERN_WITH_CUDA"]
-    return cxx, nvcc
+def _load_cuda_build():
+    # by path, not `import regkern`: the build environment may have no torch
+    spec = importlib.util.spec_from_file_location("regkern_cuda_build", ROOT / "regkern" / "ops" / "cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_build = _load_cuda_build()
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ into the built package as regkern/csrc (not for editable installs, which
+    find the checkout's csrc/ beside regkern/)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        source = ROOT / "csrc"
+        target = Path(self.build_lib) / "regkern" / "csrc"
+        for path in cuda_build.source_files(source):
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, destination)
 
 
 def cuda_extension():
@@ -42,10 +67,15 @@ def cuda_extension():
     def skip(why):
         if mode == "1":
             raise SystemExit(f"regkern: REGKERN_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
-        print(f"regkern: not building the CUDA extension ({why}); it is built just in time on first use",
-              file=sys.stderr)
+        print(
+            f"regkern: not building the CUDA extension ({why}); it is built just in time on first use", file=sys.stderr
+        )
         return [], {}
 
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        toolkit = cuda_build.nvcc_wrapper_target()
+        if toolkit is not None and (toolkit / "include" / "cuda_runtime.h").is_file():
+            os.environ["CUDA_HOME"] = str(toolkit)  # read by torch's builder when it is imported below
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -55,29 +85,14 @@ def cuda_extension():
         return skip(f"torch {torch.__version__} is built without CUDA")
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return skip(f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r}); set CUDA_HOME to the directory above bin/nvcc")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    cxx, nvcc = cuda_build_flags()
-    ext = CUDAExtension("regkern._C", CSRC, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_build.DEFAULT_ARCHS)
+    cxx, nvcc = cuda_build.build_flags()
+    sources = [str(p.relative_to(ROOT)) for p in cuda_build.sources(ROOT / "csrc")]
+    ext = CUDAExtension(cuda_build.EXTENSION_NAME, sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = cuda_extension()
+cmdclass["build_py"] = BuildPyWithSources
 
-setup(
-    name="regkern",
-    version="0.1.0",
-    description="Fused GPU attention kernels for Vision Transformers with register tokens",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["regkern", "regkern.*"]),
-    package_data={"regkern": ["dispatch_table.json"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.9",
-    install_requires=["torch>=2.3", "triton", "timm>=1.0.20", "torchvision", "numpy", "ninja", "safetensors", "matplotlib", "tqdm"],
-    extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
-        "xformers": ["xformers"],
-    },
-    entry_points={"console_scripts": ["regkern=regkern.cli:main"]},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

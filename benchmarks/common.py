@@ -19,7 +19,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def environment(device_type: str) -> dict:
     """Device and versions, recorded in every benchmark's extra_info."""
     import regkern
@@ -31,14 +31,22 @@ def environment(device_type: str) -> dict:
     except ImportError:  # pragma: no cover - triton is a dependency
         triton_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     cuda = device_type == "cuda"
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        # the dispatch table (regkern/dispatch_table.py) keys its entries by compute capability
+        # the dispatch table (regkern/ops/dispatch_table.py) keys its entries by compute capability
         "capability": list(torch.cuda.get_device_capability()) if cuda else None,
         "torch": torch.__version__,
         "triton": triton_version,
@@ -83,7 +91,7 @@ def _median_seconds(fn, device, repeats):
     return statistics.median(times)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ceilings(device_type: str) -> dict:
     """Copy bandwidth (bytes/s, read + write) and bf16 (GPU) / fp32 (CPU) matmul rate (FLOP/s), measured here."""
     device = torch.device(device_type)
@@ -97,8 +105,11 @@ def ceilings(device_type: str) -> dict:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     mm_s = _median_seconds(lambda: a @ b, device, repeats)
-    return {"copy_bytes_per_s": 2 * n_bytes / copy_s, "matmul_flops_per_s": 2 * size**3 / mm_s,
-            "matmul_dtype": str(dtype)}
+    return {
+        "copy_bytes_per_s": 2 * n_bytes / copy_s,
+        "matmul_flops_per_s": 2 * size**3 / mm_s,
+        "matmul_dtype": str(dtype),
+    }
 
 
 def record(benchmark, device: torch.device, flops: float, bytes_moved: float, **extra) -> None:

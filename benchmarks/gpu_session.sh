@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh check   # versions; build regkern._C for this GPU; pytest -m gpu (incl. sanitizer)
 #   bash benchmarks/gpu_session.sh bench   # python -m regkern bench + the measured triton-vs-cuda dispatch table
 # Logs and results go under $OUT (the device tool's output folder) or ./gpu-out; the last lines printed are a short
-# summary. Commit the bench folder as benchmarks/results/<date>-<gpu>/ and the table as regkern/dispatch_table.json.
+# summary. Commit the bench folder as benchmarks/results/<date>-<gpu>/ and the table as regkern/ops/dispatch_table.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"

@@ -35,5 +35,13 @@ def test_attention_module_forward(benchmark, device, shape, impl):
     assert y.shape == (B, N, C)
     flops = 4 * B * H * N * N * (C // H) + 2 * B * N * C * 4 * C  # attention + qkv and proj matmuls
     bytes_moved = B * N * C * x.element_size() * 6  # x, qkv (3C), attention out, y
-    record(benchmark, device, flops, bytes_moved, impl=impl, backend=getattr(module, "backend_name", "timm"),
-           shape=shape[0], dtype=str(dtype))
+    record(
+        benchmark,
+        device,
+        flops,
+        bytes_moved,
+        impl=impl,
+        backend=getattr(module, "backend_name", "timm"),
+        shape=shape[0],
+        dtype=str(dtype),
+    )

@@ -179,5 +179,21 @@ def test_attention_op(benchmark, device, shape, contender, mode):
     flops = 4 * B * H * N * (N + R) * D * passes
     element = qkv.element_size()
     bytes_moved = (B * N * 3 * H * D + B * N * H * D) * element * (1 if mode == "fwd" else 3)
-    record(benchmark, device, flops, bytes_moved, op="attention", shape=name, B=B, N=N, H=H, d=D, R=R, P=P,
-           mode=mode, contender=contender, dtype=str(dtype), peak_memory_bytes=peak)
+    record(
+        benchmark,
+        device,
+        flops,
+        bytes_moved,
+        op="attention",
+        shape=name,
+        B=B,
+        N=N,
+        H=H,
+        d=D,
+        R=R,
+        P=P,
+        mode=mode,
+        contender=contender,
+        dtype=str(dtype),
+        peak_memory_bytes=peak,
+    )

@@ -2,7 +2,6 @@
 the CUDA backend, eager and torch.compile) and one training step (forward + backward + AdamW) patched vs unpatched.
 Tiny models on the CPU, eager only."""
 
-
 import pytest
 import torch
 
@@ -12,12 +11,20 @@ from benchmarks.common import cuda_backend_unavailable, on_gpu, record, sync
 timm = pytest.importorskip("timm")
 
 # (id, timm name, image size, batch)
-GPU_MODELS = [("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 256),
-              ("vitl14reg4-518", "vit_large_patch14_reg4_dinov2", 518, 32)]
+GPU_MODELS = [
+    ("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 256),
+    ("vitl14reg4-518", "vit_large_patch14_reg4_dinov2", 518, 32),
+]
 CPU_MODELS = [("vits14reg4-cpu", "vit_small_patch14_reg4_dinov2", 56, 2)]
 MODELS = GPU_MODELS if on_gpu() else CPU_MODELS
-VARIANTS = ["unpatched-eager", "patched-eager", "patched-cuda-eager", "unpatched-compiled", "patched-compiled",
-            "patched-cuda-compiled"]
+VARIANTS = [
+    "unpatched-eager",
+    "patched-eager",
+    "patched-cuda-eager",
+    "unpatched-compiled",
+    "patched-compiled",
+    "patched-cuda-compiled",
+]
 
 
 def build(name, img_size, device, dtype, patched, backend=None):
@@ -54,23 +61,37 @@ def test_model_inference(benchmark, device, spec, variant):
     run()  # compile and autotune outside the timed region
     benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, warmup_rounds=1)
     params = sum(p.numel() for p in model.parameters())
-    tokens = batch * (model.patch_embed.num_patches + model.num_prefix_tokens) if hasattr(model, "patch_embed") \
-        else batch
-    record(benchmark, device, flops=2 * params * tokens, bytes_moved=x.numel() * x.element_size(), model=name,
-           variant=variant, batch=batch, img_size=img_size, label=label,
-           images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None)
+    tokens = (
+        batch * (model.patch_embed.num_patches + model.num_prefix_tokens) if hasattr(model, "patch_embed") else batch
+    )
+    record(
+        benchmark,
+        device,
+        flops=2 * params * tokens,
+        bytes_moved=x.numel() * x.element_size(),
+        model=name,
+        variant=variant,
+        batch=batch,
+        img_size=img_size,
+        label=label,
+        images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None,
+    )
 
 
 @pytest.mark.parametrize("variant", ["unpatched", "patched"])
 def test_training_step(benchmark, device, variant):
-    label, name, img_size, batch = (("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 64) if on_gpu()
-                                    else ("vits14reg4-cpu", "vit_small_patch14_reg4_dinov2", 56, 2))
+    label, name, img_size, batch = (
+        ("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 64)
+        if on_gpu()
+        else ("vits14reg4-cpu", "vit_small_patch14_reg4_dinov2", 56, 2)
+    )
     model = build(name, img_size, device, torch.float32, variant == "patched").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.randint(0, model.num_classes or 1, (batch,), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -84,6 +105,15 @@ def test_training_step(benchmark, device, variant):
     step()
     benchmark.pedantic(step, rounds=10 if device.type == "cuda" else 2, warmup_rounds=1)
     params = sum(p.numel() for p in model.parameters())
-    record(benchmark, device, flops=6 * params * batch * (model.patch_embed.num_patches + model.num_prefix_tokens),
-           bytes_moved=16 * params, model=name, variant=variant, batch=batch, img_size=img_size, label=label,
-           images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None)
+    record(
+        benchmark,
+        device,
+        flops=6 * params * batch * (model.patch_embed.num_patches + model.num_prefix_tokens),
+        bytes_moved=16 * params,
+        model=name,
+        variant=variant,
+        batch=batch,
+        img_size=img_size,
+        label=label,
+        images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None,
+    )

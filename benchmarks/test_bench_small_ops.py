@@ -16,7 +16,6 @@ ViT-B/14-reg4 embedding (B=64, M=256, C=768, R=4), bf16. CPU: tiny shapes, float
 ``pytest benchmarks --benchmark-only``; ``python -m regkern bench`` runs and summarises the suite.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,11 @@ import regkern
 from benchmarks.common import cuda_backend_unavailable, on_gpu, peak_memory_bytes, record, sync
 
 # (id, B, N, C)
-LN_SHAPES = ([("ln-vitb14reg4-224", 64, 261, 768), ("ln-vitl14reg4-518", 32, 1374, 1024)] if on_gpu()
-             else [("ln-tiny-cpu", 2, 261, 384)])
+LN_SHAPES = (
+    [("ln-vitb14reg4-224", 64, 261, 768), ("ln-vitl14reg4-518", 32, 1374, 1024)]
+    if on_gpu()
+    else [("ln-tiny-cpu", 2, 261, 384)]
+)
 # (id, B, M, C, R): M patch tokens, one CLS token and R registers
 EMBED_SHAPES = [("embed-vitb14reg4-224", 64, 256, 768, 4)] if on_gpu() else [("embed-tiny-cpu", 2, 256, 384, 4)]
 EPS = 1e-6
@@ -70,8 +72,12 @@ def measure(benchmark, device, fn, contender):
     every = 10 if device.type == "cuda" else 1
     run = sync_every(fn, device, every)
     run.reset()
-    benchmark.pedantic(run, rounds=20 if device.type == "cuda" else 3, iterations=every,
-                       warmup_rounds=3 if device.type == "cuda" else 1)
+    benchmark.pedantic(
+        run,
+        rounds=20 if device.type == "cuda" else 3,
+        iterations=every,
+        warmup_rounds=3 if device.type == "cuda" else 1,
+    )
     sync(device)
     return peak
 
@@ -108,8 +114,21 @@ def test_layer_norm_with_norms(benchmark, device, shape, contender):
     assert y.shape == (B, N, C) and norms.shape == (B, N)
     flops = 8 * B * N * C  # sums, squares, centring, scaling, affine: a bandwidth-bound op, FLOPs for reference
     bytes_moved = 2 * B * N * C * x.element_size() + 4 * B * N + 2 * C * w.element_size()  # x in, y out, norms
-    record(benchmark, device, flops, bytes_moved, op="layer_norm", shape=name, B=B, N=N, C=C, mode="fwd",
-           contender=contender, dtype=str(dtype), peak_memory_bytes=peak)
+    record(
+        benchmark,
+        device,
+        flops,
+        bytes_moved,
+        op="layer_norm",
+        shape=name,
+        B=B,
+        N=N,
+        C=C,
+        mode="fwd",
+        contender=contender,
+        dtype=str(dtype),
+        peak_memory_bytes=peak,
+    )
 
 
 def timm_pos_embed(patches, pos_embed, cls_token, reg_token):
@@ -154,5 +173,21 @@ def test_embed_tokens(benchmark, device, shape, contender):
     element = patches.element_size()
     bytes_moved = (B * M * C + M * C + P * C + B * (P + M) * C) * element  # patches, pos_embed, prefix in; tokens out
     # N: the sequence length the op produces, what a dispatch lookup for embed_tokens passes
-    record(benchmark, device, B * M * C, bytes_moved, op="embed_tokens", shape=name, B=B, M=M, N=P + M, C=C, R=R,
-           P=P, mode="fwd", contender=contender, dtype=str(dtype), peak_memory_bytes=peak)
+    record(
+        benchmark,
+        device,
+        B * M * C,
+        bytes_moved,
+        op="embed_tokens",
+        shape=name,
+        B=B,
+        M=M,
+        N=P + M,
+        C=C,
+        R=R,
+        P=P,
+        mode="fwd",
+        contender=contender,
+        dtype=str(dtype),
+        peak_memory_bytes=peak,
+    )

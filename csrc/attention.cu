@@ -37,10 +37,11 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return uint32_t(bits_a) | (uint32_t(bits_b) << 16);
 }
 
-#define REGKERN_MMA_M16N8K16(TYPES)                                                                        \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
-               "{%0,%1,%2,%3};\n"                                                                         \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+#define REGKERN_MMA_M16N8K16(TYPES)                             \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPES   \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "   \
+               "{%0,%1,%2,%3};\n"                               \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
 // c += A (16x16, row-major fragments a) * B (16x8, column-major fragments b0, b1), float32 accumulate
@@ -63,15 +64,14 @@ struct AttentionParams {
   const void* v;
   const void* reg_k;
   const void* reg_v;
-  void* out;        // (B, N, H, d) contiguous
-  float* lse;       // (B, H, N)
-  float* out_sq;    // (B, H, N) per-head squared output norms, or nullptr
+  void* out;                                         // (B, N, H, d) contiguous
+  float* lse;                                        // (B, H, N)
+  float* out_sq;                                     // (B, H, N) per-head squared output norms, or nullptr
   int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, token, head (elements; the last dim is unit stride)
   int64_t rk_strides[3], rv_strides[3];              // batch (0 when shared), register, head
   int N, H, R, P;
   float scale_log2;  // scale * log2(e): scores live in the exp2 domain
 };
-
 
 // Row `row` of key tile `tile` as (K row pointer, V row pointer); nullptr past the end of its segment.
 template <typename T>
@@ -103,10 +103,10 @@ __device__ __forceinline__ void key_row(const AttentionParams& p, int b, int h, 
 // before the first key tile needs it (its fragments then live in registers).
 template <int D>
 struct SmemPlan {
-  static constexpr int kRow = D + kPad;                  // elements per padded row
-  static constexpr int kTile = kBlockN * kRow;           // elements per K or V tile
-  static constexpr int kStage = 2 * kTile;               // K then V
-  static constexpr size_t kBytes = 2 * kStage * 2;       // two stages of 16-bit elements
+  static constexpr int kRow = D + kPad;             // elements per padded row
+  static constexpr int kTile = kBlockN * kRow;      // elements per K or V tile
+  static constexpr int kStage = 2 * kTile;          // K then V
+  static constexpr size_t kBytes = 2 * kStage * 2;  // two stages of 16-bit elements
 };
 
 template <typename T, int D>
@@ -184,7 +184,8 @@ __global__ void __launch_bounds__(kThreads) register_attention_fwd_kernel(const 
   for (int tile = 0; tile < tiles; ++tile) {
     const int stage = tile & 1;
     // the next tile's copies run while this one is computed
-    if (tile + 1 < tiles) issue_key_tile<T, D>(p, b, h, tile + 1, small_tiles, k_stage(stage ^ 1), v_stage(stage ^ 1), tid);
+    if (tile + 1 < tiles)
+      issue_key_tile<T, D>(p, b, h, tile + 1, small_tiles, k_stage(stage ^ 1), v_stage(stage ^ 1), tid);
     const int tile_keys = tile < small_tiles ? min(kBlockN, small_keys - tile * kBlockN)
                                              : min(kBlockN, p.N - p.P - (tile - small_tiles) * kBlockN);
     const T* k_tile = k_stage(stage);
@@ -320,9 +321,9 @@ void launch(const AttentionParams& p, int B, regkern_stream_t stream) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                   const at::Tensor& v_in, const OptTensor& reg_k,
-                                                                   const OptTensor& reg_v, double scale,
-                                                                   int64_t num_prefix, bool want_out_norm) {
+                                                                  const at::Tensor& v_in, const OptTensor& reg_k,
+                                                                  const OptTensor& reg_v, double scale,
+                                                                  int64_t num_prefix, bool want_out_norm) {
   const AttentionShape s = check_attention_args(q_in, k_in, v_in, reg_k, reg_v, scale, num_prefix);
   REGKERN_DEVICE_CHECK(q_in, "q");
   TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,

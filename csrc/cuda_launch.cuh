@@ -32,7 +32,7 @@ using regkern_stream_t = void*;
 #define REGKERN_LAUNCH_SMEM(kernel, grid, block, smem_bytes, stream, ...) \
   kernel<<<grid, block, smem_bytes, stream>>>(__VA_ARGS__)
 // dynamic shared memory above the 48 KiB default needs an opt-in per kernel
-#define REGKERN_ALLOW_DYNAMIC_SMEM(kernel, smem_bytes)                                                      \
+#define REGKERN_ALLOW_DYNAMIC_SMEM(kernel, smem_bytes) \
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)))
 #define REGKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint4 name[]
 #define REGKERN_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -51,11 +51,17 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // ---- VEC consecutive elements as float: VEC = 8 moves 16 bytes of 16-bit types (32 of float) per access and needs
 // 16-byte aligned addresses; VEC = 1 any address. The copy between uint4 words and typed elements is a register move

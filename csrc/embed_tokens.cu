@@ -11,7 +11,6 @@
 namespace regkern {
 namespace {
 
-
 struct EmbedParams {
   const void* x;    // (B, M, C) with strides
   const void* pos;  // (1, M or P + M, C) contiguous rows, or nullptr
@@ -92,7 +91,9 @@ at::Tensor embed_tokens_cuda(const at::Tensor& x_in, const OptTensor& pos_embed,
 
   const int64_t total = out.numel();
   if (total == 0) return out;
-  auto aligned = [](const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  auto aligned = [](const at::Tensor& t) {
+    return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
   const bool vec = s.C % 8 == 0 && x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && aligned(x) &&
                    aligned(pos) && aligned(cls) && aligned(reg);
   constexpr int kThreads = 256;

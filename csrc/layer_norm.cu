@@ -22,7 +22,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-
 template <typename T, int VEC>
 __device__ __forceinline__ void store_normalized(T* dst, const float (&f)[VEC], int c, float mean, float rstd,
                                                  const float* __restrict__ weight, const float* __restrict__ bias) {
@@ -124,7 +123,7 @@ void launch(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, 
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;  // y is a fresh allocation
   // rows held in registers up to C = 1024 (ViT-S/B/L) or 2048 (ViT-g), 8 elements per load
-  auto kernel = !vec ? layer_norm_fwd_kernel<T, 1, 0>
+  auto kernel = !vec              ? layer_norm_fwd_kernel<T, 1, 0>
                 : C <= 32 * 8 * 4 ? layer_norm_fwd_kernel<T, 8, 4>
                 : C <= 32 * 8 * 8 ? layer_norm_fwd_kernel<T, 8, 8>
                                   : layer_norm_fwd_kernel<T, 8, 0>;

@@ -36,8 +36,7 @@ std::string shape_of(const at::Tensor& t) {
 }  // namespace
 
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const OptTensor& reg_k, const OptTensor& reg_v, double scale,
-                                    int64_t num_prefix) {
+                                    const OptTensor& reg_k, const OptTensor& reg_v, double scale, int64_t num_prefix) {
   TORCH_CHECK(q.dim() == 4, "q: expected 4 dims (B, N, H, d), got shape ", shape_of(q));
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
               "q: expected float16, bfloat16 or float32, got ", q.scalar_type());
@@ -58,10 +57,9 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                       (t->dim() == 4 && t->size(0) == B && t->size(2) == H && t->size(3) == d);
       TORCH_CHECK(ok, name, ": expected (R, ", H, ", ", d, ") shared by the batch or (", B, ", R, ", H, ", ", d,
                   ") per batch element, got ", shape_of(*t));
-      TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": expected the dtype of q (", q.scalar_type(),
-                  "), got ", t->scalar_type());
-      TORCH_CHECK(t->device() == q.device(), name, ": expected the device of q (", q.device(), "), got ",
-                  t->device());
+      TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": expected the dtype of q (", q.scalar_type(), "), got ",
+                  t->scalar_type());
+      TORCH_CHECK(t->device() == q.device(), name, ": expected the device of q (", q.device(), "), got ", t->device());
     }
     TORCH_CHECK(reg_k->sizes() == reg_v->sizes(), "reg_v: expected the shape of reg_k ", shape_of(*reg_k), ", got ",
                 shape_of(*reg_v));
@@ -117,8 +115,7 @@ EmbedShape check_embed_args(const at::Tensor& x, const OptTensor& pos_embed, con
     TORCH_CHECK(t.device() == x.device(), name, ": expected the device of x (", x.device(), "), got ", t.device());
   };
   if (has_cls) {
-    TORCH_CHECK(cls_token->dim() == 3 && cls_token->size(0) == 1 && cls_token->size(1) == 1 &&
-                    cls_token->size(2) == C,
+    TORCH_CHECK(cls_token->dim() == 3 && cls_token->size(0) == 1 && cls_token->size(1) == 1 && cls_token->size(2) == C,
                 "cls_token: expected shape (1, 1, ", C, "), got ", shape_of(*cls_token));
     same("cls_token", *cls_token);
   }
@@ -129,10 +126,10 @@ EmbedShape check_embed_args(const at::Tensor& x, const OptTensor& pos_embed, con
   }
   if (pos_embed.has_value()) {
     const int64_t L = no_embed_class ? M : P + M;
-    TORCH_CHECK(pos_embed->dim() == 3 && pos_embed->size(0) == 1 && pos_embed->size(1) == L &&
-                    pos_embed->size(2) == C,
-                "pos_embed: expected shape (1, ", L, ", ", C, ") (", no_embed_class ? "patches only" : "prefix + patches",
-                "; resample it to the grid first), got ", shape_of(*pos_embed));
+    TORCH_CHECK(pos_embed->dim() == 3 && pos_embed->size(0) == 1 && pos_embed->size(1) == L && pos_embed->size(2) == C,
+                "pos_embed: expected shape (1, ", L, ", ", C, ") (",
+                no_embed_class ? "patches only" : "prefix + patches", "; resample it to the grid first), got ",
+                shape_of(*pos_embed));
     same("pos_embed", *pos_embed);
   }
   return {B, M, C, P, R, has_cls};
@@ -149,9 +146,9 @@ at::Tensor batched_registers(const at::Tensor& reg, int64_t B) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, const OptTensor& reg_k,
-                                                                  const OptTensor& reg_v, double scale,
-                                                                  int64_t num_prefix, bool want_out_norm) {
+                                                                 const at::Tensor& v, const OptTensor& reg_k,
+                                                                 const OptTensor& reg_v, double scale,
+                                                                 int64_t num_prefix, bool want_out_norm) {
   const AttentionShape s = check_attention_args(q, k, v, reg_k, reg_v, scale, num_prefix);
   at::Tensor qf = heads_first_float(q), kf = heads_first_float(k), vf = heads_first_float(v);
   if (s.R > 0) {
@@ -209,11 +206,13 @@ at::Tensor embed_tokens_cpu(const at::Tensor& x_in, const OptTensor& pos_embed, 
 }  // namespace
 
 TORCH_LIBRARY(regkern, m) {
-  m.def("cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? reg_k, Tensor? reg_v, float scale, "
-        "int num_prefix, bool want_out_norm) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? reg_k, Tensor? reg_v, float scale, "
+      "int num_prefix, bool want_out_norm) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_embed_tokens(Tensor x, Tensor? pos_embed, Tensor? cls_token, Tensor? reg_token, "
-        "bool no_embed_class) -> Tensor");
+  m.def(
+      "cuda_embed_tokens(Tensor x, Tensor? pos_embed, Tensor? cls_token, Tensor? reg_token, "
+      "bool no_embed_class) -> Tensor");
 }
 
 #ifndef REGKERN_EMULATE

@@ -44,9 +44,9 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 // ---- CUDA implementations (attention.cu, layer_norm.cu, embed_tokens.cu) ----
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                   const at::Tensor& v, const OptTensor& reg_k,
-                                                                   const OptTensor& reg_v, double scale,
-                                                                   int64_t num_prefix, bool want_out_norm);
+                                                                  const at::Tensor& v, const OptTensor& reg_k,
+                                                                  const OptTensor& reg_v, double scale,
+                                                                  int64_t num_prefix, bool want_out_norm);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
                                                                                const OptTensor& weight,

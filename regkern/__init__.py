@@ -7,6 +7,7 @@ Public API (see README.md):
     MonitoredLayerNorm      drop-in nn.LayerNorm that hands those norms to a sink (a block's norm1)
     embed_tokens            [CLS, registers, patches] + position embeddings, as timm builds them (one CUDA pass)
     cuda_ext                the CUDA extension (csrc/): prebuilt or just-in-time, and why it is unavailable
+    dispatch_table          the measured triton-vs-cuda table behind backend="auto"
     RegisterViTAttention    drop-in for timm.layers.Attention
     RegisterEvaAttention    drop-in for timm's EvaAttention (RoPE on patch tokens)
     patch_timm / unpatch_timm / explain / get_monitor
@@ -14,38 +15,44 @@ Public API (see README.md):
     add_registers / register_parameters / freeze_all_but_registers   registers for a model that has none
     find_register_neurons / apply_test_time_registers   test-time registers (Jiang et al., 2025)
 
+The package is layered, imports going one way (checked by import-linter, see pyproject.toml):
+    reference <- ops (op folders, dispatch, extension loader) <- nn <- timm <- monitor <- apps
+
 Importing regkern never touches a GPU, xformers or a compiled extension.
 """
 
-from . import cuda_ext, reference
-from .attention import register_attention
-from .backends import AUTO_ORDER, BACKENDS, AttentionRequest, get_backend, resolve_backend
-from .modules import RegisterEvaAttention, RegisterViTAttention
-from .monitor import NormMonitor, NormReport
-from .patching import explain, get_monitor, patch_timm, unpatch_timm
-from .layer_norm_op import layer_norm_with_norms
-from .monitored_layer_norm import MonitoredLayerNorm
-from .embed_tokens_op import embed_tokens
+from . import reference
+from .monitor import NormMonitor, NormReport, patch_timm
+from .nn import MonitoredLayerNorm, RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention, explain
+from .ops import cuda_ext, dispatch_table
+from .ops.attention import AUTO_ORDER, BACKENDS, AttentionRequest, get_backend, register_attention, resolve_backend
+from .ops.embed_tokens import embed_tokens
+from .ops.layer_norm import layer_norm_with_norms
 from .reference import STAT_NAMES, AttentionStats
-from .registers import add_registers, freeze_all_but_registers, register_parameters
-from .test_time_registers import (
+from .timm import (
     RegisterNeurons,
     TestTimeRegisters,
+    add_registers,
     apply_test_time_registers,
     find_register_neurons,
+    freeze_all_but_registers,
+    get_monitor,
+    register_parameters,
+    unpatch_timm,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "__version__",
     "reference",
     "cuda_ext",
+    "dispatch_table",
     "register_attention",
     "layer_norm_with_norms",
     "embed_tokens",
     "AttentionStats",
     "STAT_NAMES",
+    "RegisterAttentionBase",
     "RegisterViTAttention",
     "RegisterEvaAttention",
     "patch_timm",

@@ -13,7 +13,8 @@ Layout conventions (same for every backend):
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,7 @@ class AttentionStats(Mapping):
         try:
             return self._tensors[name]
         except KeyError:
-            raise AttributeError(
-                f"statistic {name!r} was not requested; requested: {sorted(self._tensors)}"
-            ) from None
+            raise AttributeError(f"statistic {name!r} was not requested; requested: {sorted(self._tensors)}") from None
 
     def __iter__(self):
         return iter(self._tensors)
@@ -80,7 +79,7 @@ def _to_heads_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).transpose(1, 2)
 
 
-def _batched_registers(reg: torch.Tensor, batch: int) -> torch.Tensor:
+def batched_registers(reg: torch.Tensor, batch: int) -> torch.Tensor:
     # (R, H, d) shared -> (B, R, H, d); (B, R, H, d) is returned as is
     return reg.unsqueeze(0).expand(batch, *reg.shape) if reg.dim() == 3 else reg
 
@@ -142,8 +141,8 @@ def register_attention(
     R = 0
     if reg_k is not None:
         R = reg_k.shape[-3]
-        kf = torch.cat([_to_heads_first(_batched_registers(reg_k, B), cdtype), kf], dim=2)
-        vf = torch.cat([_to_heads_first(_batched_registers(reg_v, B), cdtype), vf], dim=2)
+        kf = torch.cat([_to_heads_first(batched_registers(reg_k, B), cdtype), kf], dim=2)
+        vf = torch.cat([_to_heads_first(batched_registers(reg_v, B), cdtype), vf], dim=2)
 
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, N, R + N)
     bias = token_mask_to_bias(attn_mask, R, cdtype)
@@ -178,7 +177,7 @@ def layer_norm_with_norms(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float = 1e-6,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim that also returns each input token's L2 norm.
 
     Args:
@@ -208,7 +207,8 @@ def embed_tokens(
     *,
     no_embed_class: bool = False,
 ) -> torch.Tensor:
-    """The entry sequence [CLS, registers, patches] with position embeddings, as timm's ``VisionTransformer._pos_embed``.
+    """The entry sequence [CLS, registers, patches] with position embeddings, as timm's
+    ``VisionTransformer._pos_embed``.
 
     Args:
         x: (B, M, C) patch tokens, or (B, Hp, Wp, C) (flattened row-major to M = Hp * Wp).
@@ -246,9 +246,7 @@ def rope_to_token_layout(rope: torch.Tensor) -> torch.Tensor:
     return r.transpose(1, 2)
 
 
-def apply_rope(
-    t: torch.Tensor, rope: torch.Tensor, num_prefix: int, *, rotate_half: bool = False
-) -> torch.Tensor:
+def apply_rope(t: torch.Tensor, rope: torch.Tensor, num_prefix: int, *, rotate_half: bool = False) -> torch.Tensor:
     """Rotary position embedding on the patch tokens of t, prefix tokens untouched (timm EvaAttention semantics).
 
     Args:
@@ -303,8 +301,8 @@ def register_attention_backward(
     R = 0
     if reg_k is not None:
         R = reg_k.shape[-3]
-        kf = torch.cat([_to_heads_first(_batched_registers(reg_k, B), cdtype), kf], dim=2)
-        vf = torch.cat([_to_heads_first(_batched_registers(reg_v, B), cdtype), vf], dim=2)
+        kf = torch.cat([_to_heads_first(batched_registers(reg_k, B), cdtype), kf], dim=2)
+        vf = torch.cat([_to_heads_first(batched_registers(reg_v, B), cdtype), vf], dim=2)
     dof = _to_heads_first(dout, cdtype)
     p = torch.exp(torch.matmul(qf, kf.transpose(-1, -2)) * scale - lse.to(cdtype).unsqueeze(-1))
     delta = (dof * _to_heads_first(out, cdtype)).sum(-1, keepdim=True)

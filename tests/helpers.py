@@ -1,6 +1,5 @@
 """Input builders and fixtures shared by the tests."""
 
-import pytest
 import torch
 
 
@@ -16,8 +15,10 @@ def registers(B, R, H, d, shared, dtype=torch.float32, device="cpu", seed=1):
         return None, None
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (R, H, d) if shared else (B, R, H, d)
-    return (torch.randn(shape, generator=g).to(device=device, dtype=dtype),
-            torch.randn(shape, generator=g).to(device=device, dtype=dtype))
+    return (
+        torch.randn(shape, generator=g).to(device=device, dtype=dtype),
+        torch.randn(shape, generator=g).to(device=device, dtype=dtype),
+    )
 
 
 def eager_attention(q, k, v, reg_k=None, reg_v=None, scale=None):
@@ -26,7 +27,7 @@ def eager_attention(q, k, v, reg_k=None, reg_v=None, scale=None):
     Its error against the float32 reference is "PyTorch's own error at the same precision" in the tolerance rule.
     """
     B, N, H, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if reg_k is not None:
         expand = (lambda r: r.unsqueeze(0).expand(B, -1, -1, -1)) if reg_k.dim() == 3 else (lambda r: r)
         k = torch.cat([expand(reg_k), k], 1)
@@ -35,24 +36,35 @@ def eager_attention(q, k, v, reg_k=None, reg_v=None, scale=None):
     return (attn.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
 
 
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def dtype_id(dtype) -> str:
+    """fp16 / bf16 / fp32 / fp64 for a torch dtype (a string passes through)."""
+    return dtype if isinstance(dtype, str) else DTYPE_IDS[dtype]
+
+
+def case_id(*flags, B=None, N=None, H=None, D=None, C=None, R=None, P=None, dtype=None) -> str:
+    """The one helper behind parametrised test ids: shape fields as letter + value in a fixed order, then the dtype,
+    then any flags, e.g. ``case_id(B=2, N=261, H=4, D=64, dtype=torch.float16)`` -> ``B2-N261-H4-D64-fp16``.
+    Fields left as None and empty flags are omitted."""
+    fields = (("B", B), ("N", N), ("H", H), ("D", D), ("C", C), ("R", R), ("P", P))
+    parts = [f"{name}{value}" for name, value in fields if value is not None]
+    if dtype is not None:
+        parts.append(dtype_id(dtype))
+    parts += [str(f) for f in flags if f not in (None, "")]
+    return "-".join(parts)
+
+
 def attention_case_id(case):
-    """Readable id of an attention test case (B, N, H, d, R, shared, P), e.g. B2-N261-H4-D64-R4s-P5."""
+    """Id of an attention test case (B, N, H, d, R, shared, P), e.g. B2-N261-H4-D64-R4s-P5 (s: registers shared by
+    the batch, b: per batch element)."""
     B, N, H, d, R, shared, P = case
-    return f"B{B}-N{N}-H{H}-D{d}-R{R}{'s' if shared else 'b'}-P{P}"
+    return case_id(B=B, N=N, H=H, D=d, R=f"{R}{'s' if shared else 'b'}", P=P)
 
 
 def max_error(x, ref):
     return (x.float() - ref.float()).abs().max().item()
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run a handful of tokens: one thread is fastest and avoids OpenMP spin contention that makes every
-    small op take milliseconds when other processes share the two cores. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -7,7 +7,7 @@ import torch
 
 import regkern
 from regkern import reference
-from tests.helpers import packed_qkv, registers
+from tests.helpers import case_id, packed_qkv, registers
 
 
 def naive_attention(q, k, v, reg_k=None, reg_v=None, scale=None, num_prefix=0):
@@ -50,12 +50,12 @@ CASES = [
 ]
 
 
-def case_id(c):
+def reference_case_id(c):
     B, N, H, d, R, shared = c
-    return f"B{B}-N{N}-H{H}-D{d}-R{R}-{'shared' if shared else 'perbatch'}"
+    return case_id("shared" if shared else "perbatch", B=B, N=N, H=H, D=d, R=R)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=reference_case_id)
 def test_reference_matches_naive(case):
     B, N, H, d, R, shared = case
     q, k, v = packed_qkv(B, N, H, d, seed=N + R)
@@ -78,7 +78,7 @@ def test_reference_matches_naive(case):
     torch.testing.assert_close(stats.received.sum(-1), torch.full((B, H), float(N)), atol=1e-3, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=reference_case_id)
 def test_torch_backend_matches_reference(case):
     B, N, H, d, R, shared = case
     q, k, v = packed_qkv(B, N, H, d, seed=3 * N + R)
@@ -146,8 +146,9 @@ def test_layer_norm_with_norms():
     y, norms = regkern.layer_norm_with_norms(x, w, b, 1e-6)
     xd = x.double()
     mu, var = xd.mean(-1, keepdim=True), xd.var(-1, unbiased=False, keepdim=True)
-    torch.testing.assert_close(y.double(), (xd - mu) / torch.sqrt(var + 1e-6) * w.double() + b.double(),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        y.double(), (xd - mu) / torch.sqrt(var + 1e-6) * w.double() + b.double(), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(norms.double(), xd.pow(2).sum(-1).sqrt(), atol=1e-5, rtol=1e-6)
     assert norms.shape == (2, 17) and norms.dtype == torch.float32
     y2, n2 = regkern.layer_norm_with_norms(x.half(), None, None, 1e-5)
@@ -157,8 +158,12 @@ def test_layer_norm_with_norms():
 
 @pytest.mark.parametrize(
     "name",
-    ["vit_small_patch14_reg4_dinov2", "vit_base_patch16_reg4_gap_256", "deit3_small_patch16_224",
-     "vit_tiny_patch16_224"],
+    [
+        "vit_small_patch14_reg4_dinov2",
+        "vit_base_patch16_reg4_gap_256",
+        "deit3_small_patch16_224",
+        "vit_tiny_patch16_224",
+    ],
 )
 def test_embed_tokens_matches_timm_pos_embed(name):
     timm = pytest.importorskip("timm")
@@ -170,8 +175,9 @@ def test_embed_tokens_matches_timm_pos_embed(name):
                 t.normal_()
     patches = model.patch_embed(torch.randn(2, 3, 32, 32))
     want = model._pos_embed(patches)
-    got = regkern.embed_tokens(patches, model.pos_embed, model.cls_token, model.reg_token,
-                               no_embed_class=model.no_embed_class)
+    got = regkern.embed_tokens(
+        patches, model.pos_embed, model.cls_token, model.reg_token, no_embed_class=model.no_embed_class
+    )
     assert got.shape == want.shape == (2, model.num_prefix_tokens + patches.shape[1], model.embed_dim)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 

@@ -54,7 +54,8 @@ struct Index {
 
 struct Block {
   Block(unsigned threads, size_t dynamic_bytes)
-      : sync(static_cast<std::ptrdiff_t>(threads)), exchange((threads + 31) / 32 * 32 * 8, 0u),
+      : sync(static_cast<std::ptrdiff_t>(threads)),
+        exchange((threads + 31) / 32 * 32 * 8, 0u),
         dynamic((dynamic_bytes + 15) / 16) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
       const unsigned lanes = std::min(32u, threads - 32 * w);

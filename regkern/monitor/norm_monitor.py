@@ -1,0 +1,366 @@
+"""``regkern.NormMonitor``: residual-norm and attention statistics of a patched timm ViT, accumulated on the device.
+
+Per layer (block) and token group (CLS, registers, patches) it accumulates, from the fused kernels' side outputs:
+the L2 norms of the residual-stream tokens entering the block (captured by ``MonitoredLayerNorm`` in place of the
+block's ``norm1``: the quantity the registers paper thresholds, > 150 in DINOv2-g), their count, mean, max, sum of
+squares, a log-spaced histogram, the number above an outlier threshold and the positions of the largest patch norms
+of the last batch; and from the attention kernels the share of attention each key group receives and the last
+attention rows of the prefix queries (the CLS/register attention maps).
+
+Everything stays on the device in preallocated buffers, with no host synchronisation inside forward (CUDA-graph
+capture of a monitored model works); ``report()`` copies once to the host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..nn import MonitoredLayerNorm, RegisterAttentionBase
+from ..timm.patching import patch_attention
+
+__all__ = ["NormMonitor", "NormReport", "GROUPS", "ATTENTION_GROUPS"]
+
+#: token groups of the residual stream
+GROUPS = ("cls", "registers", "patches")
+#: key groups of the attention (KV-only registers are keys without a token)
+ATTENTION_GROUPS = ("kv_registers", "cls", "registers", "patches")
+
+
+@dataclass
+class NormReport:
+    """What ``NormMonitor.report()`` returns: prints as a table, converts with ``to_dict()`` / ``to_json()``.
+
+    rows: one dict per (layer, group) with count, mean, std, max, outliers, outlier_fraction, histogram.
+    bin_edges: the histogram's log-spaced edges (len = bins + 1; the first and last bins also hold values beyond).
+    top_patches: per layer, the largest patch norms of the last batch as (norm, batch index, token index).
+    attention_share: per layer, the mean share of attention each key group receives (rows sum to 1).
+    """
+
+    threshold: str
+    bin_edges: list[float]
+    rows: list[dict[str, object]]
+    top_patches: list[list[tuple[float, int, int]]]
+    attention_share: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "threshold": self.threshold,
+            "bin_edges": self.bin_edges,
+            "rows": self.rows,
+            "top_patches": self.top_patches,
+            "attention_share": self.attention_share,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        head = f"{'layer':>5} | {'group':>9} | {'tokens':>8} | {'mean':>8} | {'std':>8} | {'max':>8} | {'outliers':>8}"
+        has_share = bool(self.attention_share)
+        if has_share:
+            head += " | attention share"
+        lines = [f"residual-stream token norms entering each block (outlier: {self.threshold})", head, "-" * len(head)]
+        for row in self.rows:
+            if not row["count"]:
+                continue
+            line = (
+                f"{row['layer']:>5} | {row['group']:>9} | {row['count']:>8} | {row['mean']:8.2f} | "
+                f"{row['std']:8.2f} | {row['max']:8.2f} | {row['outliers']:>8}"
+            )
+            if has_share:
+                line += f" | {self.attention_share[row['layer']][row['group']]:.3f}"
+            lines.append(line)
+        outlier_layers = sorted({r["layer"] for r in self.rows if r["outliers"]})
+        for layer in outlier_layers:
+            top = ", ".join(f"{v:.1f} (image {b}, token {t})" for v, b, t in self.top_patches[layer][:3])
+            lines.append(f"layer {layer}: largest patch norms of the last batch: {top}")
+        if has_share and any(s.get("kv_registers", 0.0) for s in self.attention_share):
+            lines.append(
+                "attention share of KV-only registers per layer: "
+                + ", ".join(f"{s['kv_registers']:.3f}" for s in self.attention_share)
+            )
+        return "\n".join(lines)
+
+
+class NormMonitor:
+    """Monitor a timm ViT (``model.blocks``, each with ``norm1`` and ``attn``), patching it first if needed.
+
+    Args:
+        model: a timm VisionTransformer / Eva (patched by ``regkern.patch_timm`` or not).
+        threshold: absolute outlier threshold on token norms (default 150, the registers paper's DINOv2-g value).
+        relative: if given, a token is an outlier above ``relative`` x the median patch norm of its layer and batch
+            (instead of the absolute threshold).
+        bins: histogram bins, log-spaced over ``norm_range``.
+        top_k: how many of the largest patch norms of the last batch to keep per layer.
+        attention_share: also accumulate the share of attention each key group receives (a second pass over the
+            keys in the Triton kernel).
+        attention_maps: keep the last attention rows of the prefix queries (needs CLS or registers).
+        enabled: start collecting now (else call ``enable()``).
+
+    Shapes: norms are taken per token (B, N); ``attention_maps()`` returns (B, H, P, grid_h, grid_w).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        threshold: float = 150.0,
+        relative: Optional[float] = None,
+        bins: int = 48,
+        norm_range: tuple[float, float] = (1e-2, 1e4),
+        top_k: int = 8,
+        attention_share: bool = True,
+        attention_maps: bool = True,
+        enabled: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not len(blocks):
+            raise ValueError(f"model: {type(model).__name__} has no .blocks; NormMonitor needs a timm ViT")
+        if not threshold > 0 or (relative is not None and not relative > 0):
+            raise ValueError(f"threshold/relative: expected positive numbers, got {threshold!r}, {relative!r}")
+        lo, hi = norm_range
+        if not 0 < lo < hi:
+            raise ValueError(f"norm_range: expected 0 < low < high, got {norm_range!r}")
+        if bins < 2 or top_k < 1:
+            raise ValueError(f"bins/top_k: expected bins >= 2 and top_k >= 1, got {bins}, {top_k}")
+        if not any(isinstance(m, RegisterAttentionBase) for m in model.modules()):
+            patch_attention(model)
+        self.model = model
+        self.blocks = list(blocks)
+        self.threshold, self.relative = float(threshold), relative
+        self.top_k = top_k
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.has_cls = 1 if getattr(model, "cls_token", None) is not None else 0
+        self.num_registers = self.num_prefix - self.has_cls
+        self.grid_size = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()) or ())
+
+        self.attentions: list[RegisterAttentionBase] = []
+        self._original_norms: list[nn.Module] = []
+        for i, block in enumerate(self.blocks):
+            attn = getattr(block, "attn", None)
+            if not isinstance(attn, RegisterAttentionBase):
+                raise ValueError(
+                    f"model.blocks[{i}].attn: expected a regkern attention module, got "
+                    f"{type(attn).__name__}; patch the model with regkern.patch_timm first"
+                )
+            norm = block.norm1
+            self._original_norms.append(norm)
+            block.norm1 = norm if isinstance(norm, MonitoredLayerNorm) else MonitoredLayerNorm.from_layer_norm(norm)
+            self.attentions.append(attn)
+        stats = []
+        if attention_share:
+            stats.append("received")
+        if attention_maps and self.num_prefix:
+            stats.append("prefix_rows")
+        self.attention_stats = tuple(stats)
+
+        device = next(model.parameters()).device
+        L, G = len(self.blocks), len(GROUPS)
+        self.bin_edges = torch.logspace(math.log10(lo), math.log10(hi), bins + 1, dtype=torch.float64)
+        self._inner_edges = self.bin_edges[1:-1].float().to(device)
+        self.count = torch.zeros(L, G, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(L, G, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(L, G, dtype=torch.float64, device=device)
+        self.max = torch.zeros(L, G, dtype=torch.float32, device=device)
+        self.outliers = torch.zeros(L, G, dtype=torch.int64, device=device)
+        self.histogram = torch.zeros(L, G, bins, dtype=torch.int64, device=device)
+        self.top_norms = torch.full((L, top_k), -1.0, dtype=torch.float32, device=device)
+        self.top_positions = torch.full((L, top_k, 2), -1, dtype=torch.int64, device=device)
+        self.share_sum = torch.zeros(L, len(ATTENTION_GROUPS), dtype=torch.float64, device=device)
+        self.share_count = torch.zeros(L, dtype=torch.int64, device=device)
+        self.last_prefix_rows: dict[int, torch.Tensor] = {}
+        #: the last batch's token norms (B, N) entering each block (references, no copies)
+        self.last_norms: dict[int, torch.Tensor] = {}
+        self.enabled = False
+        if enabled:
+            self.enable()
+
+    # ------------------------------------------------------------------ collection (inside forward, no sync)
+
+    def _group_slices(self, n: int) -> Sequence[slice]:
+        return (slice(0, self.has_cls), slice(self.has_cls, self.num_prefix), slice(self.num_prefix, n))
+
+    @torch.no_grad()
+    def _record_norms(self, layer: int, norms: torch.Tensor) -> None:
+        norms = norms.reshape(norms.shape[0], -1).float()  # (B, N)
+        self.last_norms[layer] = norms
+        patches = norms[:, self.num_prefix :]
+        threshold = self.threshold if self.relative is None else self.relative * patches.median()
+        for g, part in enumerate(self._group_slices(norms.shape[1])):
+            x = norms[:, part]
+            if x.numel() == 0:
+                continue
+            self.count[layer, g] += x.numel()
+            self.sum[layer, g] += x.sum(dtype=torch.float64)
+            self.sum_sq[layer, g] += x.double().square().sum()
+            self.max[layer, g] = torch.maximum(self.max[layer, g], x.max())
+            self.outliers[layer, g] += (x > threshold).sum()
+            bucket = torch.bucketize(x.reshape(-1).contiguous(), self._inner_edges)
+            self.histogram[layer, g].index_add_(0, bucket, torch.ones_like(bucket))
+        if patches.numel():
+            k = min(self.top_k, patches.numel())
+            values, flat = patches.reshape(-1).topk(k)
+            M = patches.shape[1]
+            self.top_norms[layer].fill_(-1.0)
+            self.top_positions[layer].fill_(-1)
+            self.top_norms[layer, :k] = values
+            self.top_positions[layer, :k, 0] = flat // M
+            self.top_positions[layer, :k, 1] = flat % M + self.num_prefix
+
+    @torch.no_grad()
+    def _record_attention(self, layer: int, stats) -> None:
+        if "received" in stats:
+            received = stats["received"]  # (B, H, R + N), each (b, h) sums to N
+            R = self.attentions[layer].num_kv_registers
+            n = received.shape[-1] - R
+            parts = (slice(0, R), *[slice(R + s.start, R + s.stop) for s in self._group_slices(n)])
+            share = torch.stack([received[..., p].sum(-1) for p in parts], dim=-1) / n  # (B, H, 4)
+            self.share_sum[layer] += share.double().mean(1).sum(0)
+            self.share_count[layer] += received.shape[0]
+        if "prefix_rows" in stats:
+            self.last_prefix_rows[layer] = stats["prefix_rows"]
+
+    # ------------------------------------------------------------------ control
+
+    def enable(self) -> None:
+        """Start collecting (sinks attached; attention backends re-chosen once for the statistics)."""
+        for i, (block, attn) in enumerate(zip(self.blocks, self.attentions)):
+            block.norm1.norm_sink = _LayerSink(self._record_norms, i)
+            if self.attention_stats:
+                attn.set_monitoring(self.attention_stats, _LayerSink(self._record_attention, i))
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Stop collecting; the model runs exactly as unmonitored (accumulated values are kept)."""
+        for block, attn in zip(self.blocks, self.attentions):
+            block.norm1.norm_sink = None
+            attn.set_monitoring()
+        self.enabled = False
+
+    def reset(self) -> None:
+        """Zero every accumulator (in place: buffers keep their addresses for CUDA graphs)."""
+        for t in (
+            self.count,
+            self.sum,
+            self.sum_sq,
+            self.max,
+            self.outliers,
+            self.histogram,
+            self.share_sum,
+            self.share_count,
+        ):
+            t.zero_()
+        self.top_norms.fill_(-1.0)
+        self.top_positions.fill_(-1)
+        # last_prefix_rows are the latest observations, not accumulators: kept (a captured CUDA graph refills them)
+
+    def remove(self) -> None:
+        """Disable and put the original ``norm1`` modules back."""
+        self.disable()
+        for block, norm in zip(self.blocks, self._original_norms):
+            block.norm1 = norm
+
+    # ------------------------------------------------------------------ results
+
+    def report(self) -> NormReport:
+        """Copy the accumulators to the host (one synchronisation) and summarise them."""
+        names = (
+            "count",
+            "sum",
+            "sum_sq",
+            "max",
+            "outliers",
+            "histogram",
+            "top_norms",
+            "top_positions",
+            "share_sum",
+            "share_count",
+        )
+        tensors = [getattr(self, n) for n in names]
+        flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+        host, offset = {}, 0
+        for n, t in zip(names, tensors):
+            host[n] = flat[offset : offset + t.numel()].reshape(t.shape)
+            offset += t.numel()
+        rows = []
+        for layer in range(len(self.blocks)):
+            for g, group in enumerate(GROUPS):
+                count = int(host["count"][layer, g])
+                mean = float(host["sum"][layer, g]) / count if count else 0.0
+                var = float(host["sum_sq"][layer, g]) / count - mean * mean if count else 0.0
+                rows.append(
+                    {
+                        "layer": layer,
+                        "group": group,
+                        "count": count,
+                        "mean": mean,
+                        "std": math.sqrt(max(var, 0.0)),
+                        "max": float(host["max"][layer, g]),
+                        "outliers": int(host["outliers"][layer, g]),
+                        "outlier_fraction": int(host["outliers"][layer, g]) / count if count else 0.0,
+                        "histogram": [int(c) for c in host["histogram"][layer, g]],
+                    }
+                )
+        top = [
+            [
+                (float(v), int(p[0]), int(p[1]))
+                for v, p in zip(host["top_norms"][layer], host["top_positions"][layer])
+                if v >= 0
+            ]
+            for layer in range(len(self.blocks))
+        ]
+        share = []
+        if "received" in self.attention_stats:
+            for layer in range(len(self.blocks)):
+                n = max(int(host["share_count"][layer]), 1)
+                share.append({grp: float(host["share_sum"][layer, i]) / n for i, grp in enumerate(ATTENTION_GROUPS)})
+        threshold = f"> {self.relative:g} x median patch norm" if self.relative is not None else f"> {self.threshold:g}"
+        return NormReport(threshold, [float(e) for e in self.bin_edges], rows, top, share)
+
+    def _grid(self, num_patches: int) -> tuple[int, int]:
+        if len(self.grid_size) == 2 and self.grid_size[0] * self.grid_size[1] == num_patches:
+            return tuple(self.grid_size)
+        side = int(round(math.sqrt(num_patches)))
+        if side * side != num_patches:
+            raise ValueError(f"{num_patches} patch tokens do not form the model's grid {self.grid_size}")
+        return side, side
+
+    def norm_maps(self, layer: int = -1) -> torch.Tensor:
+        """The last batch's patch-token norms entering block ``layer`` on the patch grid: (B, grid_h, grid_w)."""
+        layer = range(len(self.blocks))[layer]
+        if layer not in self.last_norms:
+            raise ValueError(f"layer: no norms recorded for layer {layer} yet (run a forward while enabled)")
+        patches = self.last_norms[layer][:, self.num_prefix :]
+        return patches.reshape(patches.shape[0], *self._grid(patches.shape[1]))
+
+    def attention_maps(self, layer: int = -1) -> torch.Tensor:
+        """The last batch's attention of the prefix queries (CLS, registers) over the patch tokens of ``layer``,
+        reshaped to the patch grid: (B, H, P, grid_h, grid_w) float32."""
+        if "prefix_rows" not in self.attention_stats:
+            raise ValueError("attention_maps: not collected (attention_maps=False, or the model has no prefix tokens)")
+        layer = range(len(self.blocks))[layer]
+        if layer not in self.last_prefix_rows:
+            raise ValueError(f"layer: no attention rows recorded for layer {layer} yet (run a forward while enabled)")
+        rows = self.last_prefix_rows[layer]
+        R = self.attentions[layer].num_kv_registers
+        patches = rows[..., R + self.num_prefix :]
+        return patches.reshape(*patches.shape[:-1], *self._grid(patches.shape[-1]))
+
+
+class _LayerSink:
+    """A picklable, deep-copyable callable that forwards a layer's side output to the monitor."""
+
+    def __init__(self, record, layer: int):
+        self.record, self.layer = record, layer
+
+    def __call__(self, value) -> None:
+        self.record(self.layer, value)

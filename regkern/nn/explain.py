@@ -1,0 +1,29 @@
+"""``regkern.explain``: which backend each regkern module of a model runs, and why."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .attention import RegisterAttentionBase
+from .layer_norm import MonitoredLayerNorm
+
+__all__ = ["explain"]
+
+
+def explain(module_or_model: nn.Module) -> str:
+    """Which backend each regkern attention module (and each ``MonitoredLayerNorm`` a NormMonitor installed) runs,
+    and why, one line per module (a string to print)."""
+    lines = []
+    for name, module in module_or_model.named_modules():
+        if isinstance(module, RegisterAttentionBase):
+            line = f"{name or '<root>'}: {type(module).__name__} -> {module.backend_name} ({module.backend_reason})"
+            if module.prologue_reason:
+                line += f"; {module.prologue_reason}"
+            if module.masked_backend_name != module.backend_name:
+                line += f"; calls with attn_mask -> {module.masked_backend_name}"
+            lines.append(line)
+        elif isinstance(module, MonitoredLayerNorm):
+            lines.append(f"{name or '<root>'}: MonitoredLayerNorm -> {module.backend_name} ({module.backend_reason})")
+    if not lines:
+        return "no regkern attention modules (call regkern.patch_timm(model) first)"
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""``MonitoredLayerNorm``: a drop-in for a ViT block's ``norm1`` that also observes the residual stream's token norms.
+
+The LayerNorm before attention reads every token of the residual stream anyway, so the fused kernel
+(``regkern.ops.layer_norm``) records each token's input L2 norm in the same pass, where high-norm artifacts
+show, at no extra read of x. The norms go to ``module.norm_sink(norms)`` when a sink is set; the module's output
+is LayerNorm's, unchanged.
+
+The LayerNorm backend is chosen once, at construction and again whenever the module moves (``.to()``, ``.cuda()``,
+``.half()``), never inside forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..ops.layer_norm import check_layer_norm_backend_name, choose_layer_norm_backend, layer_norm_fwd
+
+__all__ = ["MonitoredLayerNorm"]
+
+
+def _is_timm_layer_norm(module: nn.Module) -> bool:
+    # lazy import of timm: importing regkern does not import timm
+    try:
+        from timm.layers import LayerNorm as TimmLayerNorm
+    except ImportError:
+        return False
+    return type(module) is TimmLayerNorm
+
+
+class MonitoredLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dim that hands each token's input L2 norm to ``norm_sink``.
+
+    Same constructor, parameters (``weight``, ``bias``) and state_dict as ``nn.LayerNorm`` (and timm's LayerNorm),
+    so state_dicts load with ``strict=True`` in both directions. regkern-only:
+
+    Args:
+        backend: None / "auto" ("triton" for CUDA parameters, else "reference"), "triton" (CUDA, or CPU under
+            TRITON_INTERPRET=1) or "reference". An explicit backend that cannot run on the module's device/dtype
+            leaves the module constructible (e.g. on the CPU before ``.cuda()``); calling it raises the reasons.
+
+    Attributes:
+        norm_sink: None (default) or a callable; ``forward(x)`` then calls ``norm_sink(norms)`` with the float32
+            norms ``||x[..., :]||_2`` of shape x.shape[:-1], computed in the same pass (no host sync).
+        backend_name, backend_reason: the backend forward runs and why.
+
+    Shapes: ``forward(x)`` takes x (..., C) and returns y of x's shape and dtype.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype
+        )
+        self._setup(backend, device, dtype)
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.Module, *, backend: Optional[str] = None) -> MonitoredLayerNorm:
+        """Build from a ``torch.nn.LayerNorm`` or ``timm.layers.LayerNorm``, reusing its Parameter objects."""
+        if not (type(ln) is nn.LayerNorm or _is_timm_layer_norm(ln)):
+            raise TypeError(
+                f"ln: expected a torch.nn.LayerNorm or timm.layers.LayerNorm, "
+                f"got {type(ln).__module__}.{type(ln).__name__}"
+            )
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.normalized_shape = tuple(ln.normalized_shape)
+        self.eps = ln.eps
+        self.elementwise_affine = ln.elementwise_affine
+        # the same Parameter objects (or None), registered under the same names
+        self.register_parameter("weight", ln.weight)
+        self.register_parameter("bias", ln.bias)
+        self.train(ln.training)
+        p = ln.weight if ln.weight is not None else ln.bias
+        self._setup(backend, None if p is None else p.device, None if p is None else p.dtype)
+        return self
+
+    def _setup(self, backend: Optional[str], device, dtype) -> None:
+        if len(self.normalized_shape) != 1:
+            raise ValueError(
+                f"normalized_shape: MonitoredLayerNorm normalises over the last dim only; expected an "
+                f"int or a 1-tuple, got {tuple(self.normalized_shape)}"
+            )
+        check_layer_norm_backend_name(backend)  # unknown names fail now, not on .cuda()
+        self.requested_backend = backend
+        self.norm_sink: Optional[Callable[[torch.Tensor], object]] = None
+        # a module without parameters has no device to follow: the constructor's device/dtype (default CPU)
+        self._default_device = torch.device(device if device is not None else "cpu")
+        self._default_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self._choose_backend()
+
+    def _choose_backend(self) -> None:
+        p = self.weight if self.weight is not None else self.bias
+        device = p.device if p is not None else self._default_device
+        dtype = p.dtype if p is not None else self._default_dtype
+        try:
+            self._impl, self._backend_reason = choose_layer_norm_backend(
+                self.requested_backend, device.type, dtype, self.normalized_shape[0], device=device
+            )
+            self._unavailable = ""
+        except ValueError as err:
+            self._impl = None
+            self._unavailable = str(err)
+            self._backend_reason = f"unavailable: {err}"
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._choose_backend()  # device or dtype may have changed
+        return result
+
+    def set_backend(self, backend: Optional[str]) -> None:
+        """Choose another backend (None / "auto", "triton", "cuda", "reference"); decided now, not in
+        forward."""
+        check_layer_norm_backend_name(backend)  # unknown names raise here
+        self.requested_backend = backend
+        self._choose_backend()
+
+    @property
+    def backend_name(self) -> str:
+        """Name of the backend this module runs ("triton", "reference", or "<name> (unavailable)")."""
+        if self._impl is None:
+            return f"{self.requested_backend} (unavailable)"
+        return self._impl
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend was chosen, in words."""
+        return self._backend_reason
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._impl is None:
+            raise RuntimeError(self._unavailable)
+        if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
+            raise ValueError(
+                f"x: expected a last dim of {self.normalized_shape[0]} (normalized_shape), got shape {tuple(x.shape)}"
+            )
+        y, norms, _, _ = layer_norm_fwd(x, self.weight, self.bias, float(self.eps), self._impl)
+        if self.norm_sink is not None:
+            self.norm_sink(norms)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend_name!r}"

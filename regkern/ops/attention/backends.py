@@ -1,0 +1,348 @@
+"""Attention backends: what each supports, why it does not, and the one-time choice between them.
+
+Every backend implements the semantics of ``regkern.reference.register_attention``. Dispatch is decided once from
+an ``AttentionRequest`` (static facts: device, dtype, head dim, requested statistics, ...), never branched on
+inside a forward, so the choice is stable under ``torch.compile`` and CUDA-graph capture.
+
+Backends, in the order ``"auto"`` tries them:
+    cuda       hand-written CUDA kernels from csrc/ (extension ``regkern._C``, see ``regkern.cuda_ext``): tried first
+               only where the measured dispatch table (``regkern.dispatch_table``) says it beats Triton for the
+               GPU, dtype, head dim and sequence length; forward on tensor cores, backward by the Triton kernels.
+    triton     fused Triton kernels (``regkern.attention_triton``): registers and prefix as their own KV segment,
+               forward + backward, LSE. CUDA tensors; CPU tensors only when named explicitly under TRITON_INTERPRET=1.
+    torch      PyTorch ``scaled_dot_product_attention`` with registers concatenated to the keys; statistics, when
+               requested, from the materialising reference beside it (the output stays SDPA's).
+    reference  the materialising float32 reference; supports everything, slow; serves statistics and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ... import reference
+from .. import cuda_ext
+from ..dispatch import Backend, BackendChoice, Dispatcher, device_capability
+from . import op
+
+__all__ = [
+    "AttentionRequest",
+    "AttentionBackend",
+    "BackendChoice",
+    "BACKENDS",
+    "AUTO_ORDER",
+    "DISPATCHER",
+    "ENV_VAR",
+    "get_backend",
+    "resolve_backend",
+    "requested_backend_name",
+]
+
+ENV_VAR = "REGKERN_BACKEND"
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """The static facts a backend needs to say whether it can run an attention call."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    stats: frozenset[str] = frozenset()
+    has_mask: bool = False
+    dropout: bool = False
+    #: (major, minor) compute capability of the CUDA device; None elsewhere (the dispatch table is keyed on it)
+    capability: Optional[tuple[int, int]] = None
+    #: sequence length N when known (functional calls; modules of patched models with a fixed image size)
+    seq_len: Optional[int] = None
+
+    @classmethod
+    def from_tensors(cls, q: torch.Tensor, stats=(), attn_mask=None, dropout_p: float = 0.0) -> AttentionRequest:
+        return cls(
+            q.device.type,
+            q.dtype,
+            q.shape[-1],
+            frozenset(stats),
+            attn_mask is not None,
+            dropout_p > 0,
+            device_capability(q.device),
+            q.shape[1],
+        )
+
+    def describe(self) -> str:
+        return "this call"
+
+    @property
+    def dim(self) -> int:
+        """What the measured dispatch table is keyed on: the head dim."""
+        return self.head_dim
+
+    @property
+    def features(self) -> frozenset[str]:
+        """Requested statistics, plus "attn_mask" and "dropout" when the call has them."""
+        return self.stats | {name for name, on in (("attn_mask", self.has_mask), ("dropout", self.dropout)) if on}
+
+
+class AttentionBackend(Backend):
+    """One implementation of ``register_attention``. Subclasses set ``name``, ``description`` and what they
+    support, and implement ``attention``."""
+
+    features = frozenset(reference.STAT_NAMES) | {"attn_mask", "dropout"}
+    #: whether ``attention_with_prologue`` (qk_norm + RoPE fused into the kernel) is available
+    fuses_qk_prologue: bool = False
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        """Same contract as ``reference.register_attention`` (inputs already checked)."""
+        raise NotImplementedError
+
+
+class ReferenceBackend(AttentionBackend):
+    name = "reference"
+    description = "materialising float32 PyTorch reference (slow; every feature)"
+
+    def not_supported_reasons(self, request: AttentionRequest) -> list[str]:
+        return []  # any device, any floating dtype, every feature
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        return reference.register_attention(
+            q,
+            k,
+            v,
+            reg_k,
+            reg_v,
+            scale=scale,
+            return_stats=return_stats,
+            num_prefix=num_prefix,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+        )
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+    description = (
+        "PyTorch scaled_dot_product_attention, registers concatenated to the keys; statistics, when requested, "
+        "from the materialising reference beside it (out stays SDPA's, bit for bit)"
+    )
+
+    def not_supported_reasons(self, request: AttentionRequest) -> list[str]:
+        reasons = []
+        if request.stats and request.dropout:
+            reasons.append("statistics with attention dropout need the reference (one pass for both)")
+        return reasons
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        out = self._sdpa(q, k, v, reg_k, reg_v, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p)
+        if not return_stats:
+            return out
+        with torch.no_grad():  # statistics are observations: no graph through the materialised matrix
+            _, stats = reference.register_attention(
+                q,
+                k,
+                v,
+                reg_k,
+                reg_v,
+                scale=scale,
+                return_stats=return_stats,
+                num_prefix=num_prefix,
+                attn_mask=attn_mask,
+            )
+        return out, stats
+
+    @staticmethod
+    def _sdpa(q, k, v, reg_k, reg_v, *, scale, attn_mask, dropout_p):
+        B = q.shape[0]
+        if reg_k is not None:
+            R = reg_k.shape[-3]
+            k = torch.cat([reference.batched_registers(reg_k, B).to(k.dtype), k], dim=1)
+            v = torch.cat([reference.batched_registers(reg_v, B).to(v.dtype), v], dim=1)
+            # register keys are never masked
+            attn_mask = reference.token_mask_to_bias(attn_mask, R, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            scale=scale,
+        )
+        # same reshape as timm: (B, H, N, d) -> (B, N, H, d) contiguous
+        return out.transpose(1, 2).contiguous()
+
+
+def _stats_from_op(return_stats, out, lse, out_norm=None, prefix_rows=None, received=None):
+    if not return_stats:
+        return out
+    found = {"lse": lse, "out_norm": out_norm, "prefix_rows": prefix_rows, "received": received}
+    return out, reference.AttentionStats({name: found[name] for name in return_stats})
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    description = "fused Triton kernels: registers and CLS/register prefix as their own KV segment"
+    device_types = ("cuda", "cpu")
+    auto_device_types = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    max_head_dim = 128
+    features = frozenset(reference.STAT_NAMES)
+    #: this backend can apply timm's qk_norm (LayerNorm) and RoPE while loading Q/K tiles
+    fuses_qk_prologue = True
+
+    def not_supported_reasons(self, request: AttentionRequest) -> list[str]:
+        reasons = []
+        problem = op.triton_problem(request.device_type)
+        if problem:
+            reasons.append(problem)
+        elif request.device_type not in self.device_types:
+            reasons.append(f"device type {request.device_type!r} is not supported (CUDA, or CPU under the interpreter)")
+        if request.dtype not in self.dtypes:
+            reasons.append(f"dtype {request.dtype} is not supported (float16, bfloat16, float32)")
+        if request.head_dim > self.max_head_dim:
+            reasons.append(f"head_dim {request.head_dim} > {self.max_head_dim}")
+        if request.has_mask:
+            reasons.append("attn_mask is not supported by the fused kernel")
+        if request.dropout:
+            reasons.append("attention dropout is not supported by the fused kernel")
+        return reasons
+
+    @staticmethod
+    def _run(q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, return_stats):
+        flags = tuple(name in return_stats for name in ("out_norm", "prefix_rows", "received"))
+        out, lse, out_norm, prefix_rows, received = op.attention_fwd(
+            q,
+            k,
+            v,
+            reg_k,
+            reg_v,
+            *norms,
+            rope,
+            scale,
+            num_prefix,
+            qk_norm,
+            float(norm_eps),
+            bool(rotate_half),
+            *flags,
+            "triton",
+        )
+        return _stats_from_op(return_stats, out, lse, out_norm, prefix_rows, received)
+
+    def attention_with_prologue(
+        self, q, k, v, reg_k, reg_v, *, scale, num_prefix, q_norm, k_norm, norm_eps, rope, rotate_half, return_stats=()
+    ):
+        """Attention over ``reference.qk_prologue``-transformed q and k, the prologue fused into the kernel.
+
+        q_norm, k_norm: (weight, bias) pairs (either may be None) or None when qk_norm is off."""
+        qk_norm = q_norm is not None
+        norms = (*q_norm, *k_norm) if qk_norm else (None,) * 4
+        return self._run(
+            q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, tuple(return_stats)
+        )
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        return self._run(
+            q, k, v, reg_k, reg_v, (None,) * 4, None, scale, num_prefix, False, 0.0, False, tuple(return_stats)
+        )
+
+
+class CudaBackend(AttentionBackend):
+    name = "cuda"
+    description = (
+        "hand-written CUDA kernels (csrc/, mma.sync tensor cores): registers and prefix as their own KV "
+        "segment, out_norm epilogue; backward by the Triton kernels"
+    )
+    device_types = ("cuda", "cpu")
+    auto_device_types = ("cuda",)
+    measured = True  # auto picks it only where the measured dispatch table says it beats triton
+    cuda_dtypes = (torch.float16, torch.bfloat16)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)  # float32 only on the CPU (the C++ reference)
+    head_dims = (64, 128)
+    features = frozenset(("lse", "out_norm"))
+
+    def not_supported_reasons(self, request: AttentionRequest) -> list[str]:
+        reasons = []
+        if request.device_type == "cuda":
+            if request.dtype not in self.cuda_dtypes:
+                reasons.append(
+                    f"dtype {request.dtype} is not supported by the CUDA kernel (float16, bfloat16; "
+                    "the backend is chosen from the parameters' dtype, so autocast is not seen)"
+                )
+            if request.head_dim not in self.head_dims:
+                reasons.append(f"head_dim {request.head_dim} is not supported by the CUDA kernel (64, 128)")
+        elif request.device_type != "cpu":
+            reasons.append(
+                f"device type {request.device_type!r} is not supported (CUDA; CPU runs the extension's "
+                "C++ reference implementation)"
+            )
+        elif request.dtype not in self.dtypes:
+            reasons.append(f"dtype {request.dtype} is not supported (float16, bfloat16, float32 on the CPU)")
+        if request.has_mask:
+            reasons.append("attn_mask is not supported by the CUDA kernel")
+        if request.dropout:
+            reasons.append("attention dropout is not supported by the CUDA kernel")
+        missing = sorted(set(request.stats) - self.features)
+        if missing:
+            reasons.append(
+                f"statistics {', '.join(missing)} are not computed by the CUDA kernel (triton computes them)"
+            )
+        reasons += cuda_ext.not_loaded_reasons(request.device_type, build=not reasons)  # no build for a refused call
+        return reasons
+
+    def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
+        want_norm = "out_norm" in return_stats
+        out, lse, out_norm, _, _ = op.attention_fwd(
+            q,
+            k,
+            v,
+            reg_k,
+            reg_v,
+            None,
+            None,
+            None,
+            None,
+            None,
+            float(scale),
+            num_prefix,
+            False,
+            0.0,
+            False,
+            want_norm,
+            False,
+            False,
+            "cuda",
+        )
+        return _stats_from_op(return_stats, out, lse, out_norm)
+
+
+BACKENDS: dict[str, AttentionBackend] = {
+    b.name: b for b in (TritonBackend(), CudaBackend(), TorchBackend(), ReferenceBackend())
+}
+
+#: The order in which ``"auto"`` tries backends after the dispatch table's word on triton vs cuda; the first that
+#: supports the request wins. "cuda" is not in it: auto picks it only where the measured table says it is faster.
+AUTO_ORDER: tuple[str, ...] = ("triton", "torch", "reference")
+
+#: the attention op's dispatcher (``regkern.ops.dispatch``); $REGKERN_BACKEND names a backend when none is given
+DISPATCHER = Dispatcher("attention", "", tuple(BACKENDS.values()), AUTO_ORDER, env_var=ENV_VAR)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The attention backend registered under ``name``; ValueError naming the known ones otherwise."""
+    return DISPATCHER.get(name)
+
+
+def requested_backend_name(backend: Optional[str]) -> tuple[str, str]:
+    """The backend name to use and where it came from: the argument, else $REGKERN_BACKEND, else 'auto'."""
+    return DISPATCHER.requested_name(backend)
+
+
+def resolve_backend(backend: Optional[str], request: AttentionRequest) -> BackendChoice:
+    """Choose the attention backend for ``request`` once (``Dispatcher.resolve``).
+
+    An explicit name (argument or $REGKERN_BACKEND) must support the request, else ValueError with the reasons:
+    nothing falls back silently. ``"auto"`` takes the measured table's word on cuda, then the first supporting
+    backend in ``AUTO_ORDER``.
+    """
+    return DISPATCHER.resolve(backend, request)

@@ -1,0 +1,955 @@
+"""Triton kernels of fused register attention: forward (FA2-style online softmax) and backward (dK/dV, dQ).
+
+Keys are split into two segments so that patch tiles stay aligned:
+    small segment  R KV-only registers (own buffer, never concatenated) + the P prefix tokens (CLS, registers),
+                   one tile of BLOCK_S >= R + P keys
+    patch segment  tokens P .. N-1 in BLOCK_N tiles starting at P: a 261-token ViT-B/14-reg4 sequence (P = 5,
+                   M = 256) runs 16 + 256 key columns instead of padding 261 to 320 or 384
+Queries are tiled from row 0. q, k, v are read as strided (B, N, H, d) views (last stride 1), registers as
+(B, R, H, d) with batch stride 0 when shared. out is written contiguous (B, N, H, d); lse (B, H, N) float32 is the
+natural-log sum-exp that the backward recomputes probabilities from.
+
+Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.attention_op``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_rows(base, rows, row_stride, offs_d, row_mask, d_mask):
+    # (len(rows), BLOCK_D) tile of a strided (rows, d) matrix; masked elements are 0
+    return tl.load(
+        base + rows[:, None] * row_stride + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _program_coords(num_tiles, H):
+    # one flat grid axis (no 65535 limit on B*H); the tiles of one (b, h) are adjacent, so they share K/V in L2.
+    # int64 so that offsets of large batches do not overflow
+    pid = tl.program_id(0)
+    tile = pid % num_tiles
+    bh = (pid // num_tiles).to(tl.int64)
+    return tile, bh, bh // H, bh % H
+
+
+@triton.jit
+def _load_qk(
+    base,
+    rows,
+    row_stride,
+    offs_d,
+    row_mask,
+    d_mask,
+    HEAD_DIM,
+    NW,
+    NB,
+    eps,
+    rope_base,
+    rope_stride_m,
+    P,
+    QK_NORM: tl.constexpr,
+    USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr,
+):
+    # Q or K tile with timm's prologue fused into the load: per-head LayerNorm over d (qk_norm), then RoPE on
+    # tokens >= P. Each step is rounded to the input dtype as timm rounds it; padded rows/columns are 0.
+    mask = row_mask[:, None] & d_mask[None, :]
+    x = tl.load(base + rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
+    if QK_NORM or USE_ROPE:
+        if ROTATE_HALF:
+            half = HEAD_DIM // 2
+            partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+            sign = tl.where(offs_d < half, -1.0, 1.0)
+        else:
+            partner = offs_d ^ 1
+            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+        y = x.to(tl.float32)
+        if USE_ROPE:  # the rotation partners, loaded as a second tile
+            yp = tl.load(base + rows[:, None] * row_stride + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if QK_NORM:
+            mean = tl.sum(y, axis=1) / HEAD_DIM
+            yc = tl.where(mask, y - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / HEAD_DIM + eps)
+            w = tl.load(NW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            b = tl.load(NB + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            y = (yc * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype).to(tl.float32)
+            if USE_ROPE:
+                wp = tl.load(NW + partner, mask=d_mask, other=0.0).to(tl.float32)
+                bp = tl.load(NB + partner, mask=d_mask, other=0.0).to(tl.float32)
+                ypc = tl.where(mask, yp - mean[:, None], 0.0)
+                yp = (ypc * rstd[:, None] * wp[None, :] + bp[None, :]).to(x.dtype).to(tl.float32)
+        if USE_ROPE:
+            t = rows - P
+            rmask = (row_mask & (rows >= P))[:, None] & d_mask[None, :]
+            table = rope_base + t[:, None] * rope_stride_m + offs_d[None, :]
+            sin = tl.load(table, mask=rmask, other=0.0).to(tl.float32)
+            cos = tl.load(table + HEAD_DIM, mask=rmask, other=1.0).to(tl.float32)
+            y = y * cos + sign[None, :] * yp * sin
+        x = tl.where(mask, y, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _load_small_segment(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, P):
+    # keys [R registers from their own buffer, P prefix tokens from K] as one tile; rows >= R + P are 0
+    is_reg = offs_s < R
+    is_pre = (offs_s >= R) & (offs_s < R + P)
+    reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
+    pre = _load_rows(K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask)
+    return reg + pre
+
+
+@triton.jit
+def _load_small_segment_keys(
+    K,
+    RK,
+    k_base,
+    rk_base,
+    stride_kn,
+    stride_rkr,
+    offs_s,
+    offs_d,
+    d_mask,
+    R,
+    P,
+    HEAD_DIM,
+    NW,
+    NB,
+    eps,
+    QK_NORM: tl.constexpr,
+):
+    # as _load_small_segment, with k_norm applied to the prefix keys (registers are raw keys; prefix gets no RoPE)
+    is_reg = offs_s < R
+    is_pre = (offs_s >= R) & (offs_s < R + P)
+    reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
+    pre = _load_qk(
+        K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask, HEAD_DIM, NW, NB, eps, K, 0, P, QK_NORM, False, False
+    )
+    return reg + pre
+
+
+@triton.jit
+def _store_prefix_scores(PS, pid_bh, offs_m, cols, s, P, num_keys, row_ok, col_ok):
+    # scaled scores (log2 units) of the prefix queries; the launcher normalises them with the final lse
+    ptrs = PS + (pid_bh * P + offs_m[:, None]) * num_keys + cols[None, :]
+    tl.store(ptrs, s, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _online_softmax_step(s, m_i, l_i, acc, v, valid_cols):
+    # s: (BLOCK_M, BLOCK_*) scores already in log2 units; invalid columns get -inf
+    s = tl.where(valid_cols[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    RK,
+    RV,
+    Out,
+    LSE,
+    OUT_SQ,
+    PREFIX_S,
+    QNW,
+    QNB,
+    KNW,
+    KNB,
+    ROPE,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_rkb,
+    stride_rkr,
+    stride_rkh,
+    stride_rvb,
+    stride_rvr,
+    stride_rvh,
+    stride_ropeb,
+    stride_ropeh,
+    stride_ropem,
+    H,
+    N,
+    R,
+    P,
+    HEAD_DIM,
+    qk_scale_log2,
+    norm_eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SMALL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr,
+    STAT_OUT_SQ: tl.constexpr,
+    STAT_PREFIX: tl.constexpr,
+):
+    pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < N
+    # only tiles holding prefix queries (CLS, registers) record their attention rows
+    prefix_tile = pid_m * BLOCK_M < P
+    prefix_ok = (offs_m < P) & m_mask
+
+    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
+    q = _load_qk(
+        Q + b * stride_qb + h * stride_qh,
+        offs_m,
+        stride_qn,
+        offs_d,
+        m_mask,
+        d_mask,
+        HEAD_DIM,
+        QNW,
+        QNB,
+        norm_eps,
+        rope_base,
+        stride_ropem,
+        P,
+        QK_NORM,
+        USE_ROPE,
+        ROTATE_HALF,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_SMALL:
+        offs_s = tl.arange(0, BLOCK_S)
+        k_base = b * stride_kb + h * stride_kh
+        v_base = b * stride_vb + h * stride_vh
+        ks = _load_small_segment_keys(
+            K,
+            RK,
+            k_base,
+            b * stride_rkb + h * stride_rkh,
+            stride_kn,
+            stride_rkr,
+            offs_s,
+            offs_d,
+            d_mask,
+            R,
+            P,
+            HEAD_DIM,
+            KNW,
+            KNB,
+            norm_eps,
+            QK_NORM,
+        )
+        vs = _load_small_segment(
+            V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_s, offs_d, d_mask, R, P
+        )
+        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
+        if STAT_PREFIX:
+            if prefix_tile:
+                _store_prefix_scores(PREFIX_S, pid_bh, offs_m, offs_s, s_small, P, R + N, prefix_ok, offs_s < R + P)
+        m_i, l_i, acc = _online_softmax_step(s_small, m_i, l_i, acc, vs, offs_s < R + P)
+
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    for start in range(P, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        k = _load_qk(
+            k_ptr,
+            offs_n,
+            stride_kn,
+            offs_d,
+            n_mask,
+            d_mask,
+            HEAD_DIM,
+            KNW,
+            KNB,
+            norm_eps,
+            rope_base,
+            stride_ropem,
+            P,
+            QK_NORM,
+            USE_ROPE,
+            ROTATE_HALF,
+        )
+        v = _load_rows(v_ptr, offs_n, stride_vn, offs_d, n_mask, d_mask)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        if STAT_PREFIX:
+            if prefix_tile:
+                _store_prefix_scores(PREFIX_S, pid_bh, offs_m, R + offs_n, s, P, R + N, prefix_ok, n_mask)
+        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, n_mask)
+
+    acc = acc / l_i[:, None]
+    if STAT_OUT_SQ:  # this head's share of ||out[b, n]||^2, from the float32 accumulator
+        tl.store(OUT_SQ + pid_bh * N + offs_m, tl.sum(acc * acc, axis=1), mask=m_mask)
+    # out is contiguous (B, N, H, d)
+    o_ptrs = Out + ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+
+
+@triton.jit
+def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr):
+    # the key tile a key-major program owns: the small segment (registers + prefix), or BLOCK_KEYS patch keys from P
+    if SMALL_SEGMENT:
+        pid_n, pid_bh, b, h = _program_coords(1, H)
+        offs_j = tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < R + P
+    else:
+        pid_n, pid_bh, b, h = _program_coords(tl.cdiv(N - P, BLOCK_KEYS), H)
+        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < N
+    return pid_bh, b, h, offs_j, valid
+
+
+@triton.jit
+def _attn_received_kernel(
+    Q,
+    K,
+    RK,
+    LSE,
+    RECEIVED,
+    QNW,
+    QNB,
+    KNW,
+    KNB,
+    ROPE,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_rkb,
+    stride_rkr,
+    stride_rkh,
+    stride_ropeb,
+    stride_ropeh,
+    stride_ropem,
+    H,
+    N,
+    R,
+    P,
+    HEAD_DIM,
+    qk_scale_log2,
+    norm_eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_KEYS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SMALL_SEGMENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr,
+):
+    # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
+    pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    k_base = b * stride_kb + h * stride_kh
+    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
+    if SMALL_SEGMENT:
+        cols = offs_j
+        k = _load_small_segment_keys(
+            K,
+            RK,
+            k_base,
+            b * stride_rkb + h * stride_rkh,
+            stride_kn,
+            stride_rkr,
+            offs_j,
+            offs_d,
+            d_mask,
+            R,
+            P,
+            HEAD_DIM,
+            KNW,
+            KNB,
+            norm_eps,
+            QK_NORM,
+        )
+    else:
+        cols = R + offs_j
+        k = _load_qk(
+            K + k_base,
+            offs_j,
+            stride_kn,
+            offs_d,
+            valid,
+            d_mask,
+            HEAD_DIM,
+            KNW,
+            KNB,
+            norm_eps,
+            rope_base,
+            stride_ropem,
+            P,
+            QK_NORM,
+            USE_ROPE,
+            ROTATE_HALF,
+        )
+    colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    for start in range(0, N, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N
+        q = _load_qk(
+            q_base,
+            offs_m,
+            stride_qn,
+            offs_d,
+            m_mask,
+            d_mask,
+            HEAD_DIM,
+            QNW,
+            QNB,
+            norm_eps,
+            rope_base,
+            stride_ropem,
+            P,
+            QK_NORM,
+            USE_ROPE,
+            ROTATE_HALF,
+        )
+        lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        pt = tl.where(valid[:, None], tl.exp2(st - lse2[None, :]), 0.0)
+        colsum += tl.sum(pt, axis=1)
+    tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    RK,
+    RV,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DRK,
+    DRV,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_rkb,
+    stride_rkr,
+    stride_rkh,
+    stride_rvb,
+    stride_rvr,
+    stride_rvh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    H,
+    N,
+    R,
+    P,
+    HEAD_DIM,
+    qk_scale_log2,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_KEYS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SMALL_SEGMENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program owns one key tile (the small segment, or BLOCK_KEYS patch keys) and loops over all queries.
+    pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    if SMALL_SEGMENT:
+        k = _load_small_segment(
+            K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr, offs_j, offs_d, d_mask, R, P
+        )
+        v = _load_small_segment(
+            V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_j, offs_d, d_mask, R, P
+        )
+    else:
+        k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)
+        v = _load_rows(V + v_base, offs_j, stride_vn, offs_d, valid, d_mask)
+
+    dk = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    for start in range(0, N, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N
+        q = _load_rows(q_base, offs_m, stride_qn, offs_d, m_mask, d_mask)
+        do = _load_rows(do_base, offs_m, stride_don, offs_d, m_mask, d_mask)
+        lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_mask, other=0.0)
+        # transposed scores: (keys, queries)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        pt = tl.exp2(st - lse2[None, :])
+        pt = tl.where(valid[:, None], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk = dk * scale
+
+    if SMALL_SEGMENT:
+        # registers -> float32 (B, R, H, d) buffers (reduced over the batch by the launcher when shared)
+        is_reg = offs_j < R
+        reg_ptrs = ((b * R + offs_j[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        tl.store(DRK + reg_ptrs, dk, mask=is_reg[:, None] & d_mask[None, :])
+        tl.store(DRV + reg_ptrs, dv, mask=is_reg[:, None] & d_mask[None, :])
+        rows = offs_j - R
+        row_mask = (offs_j >= R) & valid
+    else:
+        rows = offs_j
+        row_mask = valid
+    # dk, dv are contiguous (B, N, H, d)
+    ptrs = ((b * N + rows[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+    mask = row_mask[:, None] & d_mask[None, :]
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    RK,
+    RV,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_rkb,
+    stride_rkr,
+    stride_rkh,
+    stride_rvb,
+    stride_rvr,
+    stride_rvh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    H,
+    N,
+    R,
+    P,
+    HEAD_DIM,
+    qk_scale_log2,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SMALL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < N
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, m_mask, d_mask)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, m_mask, d_mask)
+    lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+
+    if HAS_SMALL:
+        offs_s = tl.arange(0, BLOCK_S)
+        ks = _load_small_segment(
+            K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, P
+        )
+        vs = _load_small_segment(
+            V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_s, offs_d, d_mask, R, P
+        )
+        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
+        p_small = tl.where((offs_s < R + P)[None, :], tl.exp2(s_small - lse2[:, None]), 0.0)
+        dp_small = tl.dot(do, tl.trans(vs), input_precision=DOT_PRECISION)
+        ds_small = p_small * (dp_small - delta[:, None])
+        dq += tl.dot(ds_small.to(ks.dtype), ks, input_precision=DOT_PRECISION)
+
+    for start in range(P, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        k = _load_rows(K + k_base, offs_n, stride_kn, offs_d, n_mask, d_mask)
+        v = _load_rows(V + v_base, offs_n, stride_vn, offs_d, n_mask, d_mask)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.where(n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * scale
+    ptrs = ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+#: True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors).
+INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _pow2_at_least(x: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(max(int(x), 1)))
+
+
+def _config(N: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT shapes are few.
+
+    BLOCK_M is 128 unless 64 pads the queries much less (N = 261: 320 rows instead of 384)."""
+    if device_type != "cuda":
+        return 16, 16, 1  # interpreter: small tiles keep CPU tests fast
+    if dtype == torch.float32:  # 4-byte tiles: smaller blocks keep the backward within sm_80's shared memory
+        return (64, 32, 4) if d <= 64 else (32, 32, 4)
+    block_n = 64 if d <= 64 else 32
+    padded = {bm: triton.cdiv(N, bm) * bm for bm in (64, 128)}
+    if padded[128] > 1.1 * padded[64]:
+        return 64, block_n, 4
+    return 128, block_n, 8
+
+
+def _forward_stages(prologue: bool) -> int:
+    """Software-pipelining depth of the forward: the fused prologue loads two K tiles and the RoPE table per step,
+    so it pipelines 2 deep to stay within sm_80's shared memory (checked by tests/triton_aot_compile.py)."""
+    return 2 if prologue else 3
+
+
+def _received_stages(prologue: bool) -> int:
+    """Pipelining depth of the ``received`` pass: with the prologue it reloads and transforms a Q tile (and its
+    rotation partners and RoPE table) per step; one stage keeps that within sm_80's shared memory."""
+    return 1 if prologue else 3
+
+
+def _registers_view(reg: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(pointer tensor, (stride_b, stride_r, stride_h)) with batch stride 0 for shared registers."""
+    if reg is None:
+        return like, (0, 0, 0)
+    if reg.stride(-1) != 1:
+        reg = reg.contiguous()
+    if reg.dim() == 3:
+        return reg, (0, reg.stride(0), reg.stride(1))
+    return reg, (reg.stride(0), reg.stride(1), reg.stride(2))
+
+
+def _last_dim_unit_stride(t: torch.Tensor) -> torch.Tensor:
+    # the kernels need stride(-1) == 1; qkv views already have it
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rope_view(rope: Optional[torch.Tensor], B: int, H: int, num_prefix: int, like: torch.Tensor):
+    """timm RoPE table broadcastable to (B, H, M, 2d) -> (tensor, (stride_b, stride_h, stride_m)), 0 for broadcast."""
+    if rope is None:
+        return like, (0, 0, 0)
+    d2 = 2 * like.shape[-1]
+    M = like.shape[1] - num_prefix
+    lead = tuple(rope.shape[:-2])
+    if (
+        rope.dim() < 2
+        or rope.dim() > 4
+        or tuple(rope.shape[-2:]) != (M, d2)
+        or not all(s in (1, t) for s, t in zip(lead[::-1], (B, H)[::-1]))
+    ):
+        raise ValueError(
+            f"rope: expected a [sin, cos] table broadcastable to (B, H, N - num_prefix, 2 * d) = "
+            f"({B}, {H}, {M}, {d2}), got {tuple(rope.shape)}"
+        )
+    if rope.device != like.device:
+        raise ValueError(f"rope: expected the device of q ({like.device}), got {rope.device}")
+    r = rope if rope.stride(-1) == 1 else rope.contiguous()
+    while r.dim() < 4:
+        r = r.unsqueeze(0)
+    r = r.expand(B, H, r.shape[2], r.shape[3])
+    return r, (r.stride(0), r.stride(1), r.stride(2))
+
+
+def _norm_params(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], d: int, like: torch.Tensor):
+    # LayerNorm affine parameters as (d,) tensors; ones/zeros when absent
+    w = weight if weight is not None else torch.ones(d, dtype=torch.float32, device=like.device)
+    b = bias if bias is not None else torch.zeros(d, dtype=torch.float32, device=like.device)
+    return w.contiguous(), b.contiguous()
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reg_k: Optional[torch.Tensor],
+    reg_v: Optional[torch.Tensor],
+    scale: float,
+    num_prefix: int,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    *,
+    qk_norm: bool = False,
+    q_norm_weight: Optional[torch.Tensor] = None,
+    q_norm_bias: Optional[torch.Tensor] = None,
+    k_norm_weight: Optional[torch.Tensor] = None,
+    k_norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    rope: Optional[torch.Tensor] = None,
+    rotate_half: bool = False,
+    stats: tuple[str, ...] = (),
+):
+    """Launch the forward kernel. Returns out (B, N, H, d) contiguous and lse (B, H, N) float32, written into the
+    given buffers when passed (tests pre-fill them with NaN so unwritten elements show).
+
+    With ``qk_norm`` and/or ``rope`` the kernel applies ``reference.qk_prologue`` to Q and K tiles as it loads them
+    (per-head LayerNorm over d with the given affine parameters, then RoPE on tokens >= num_prefix); registers are
+    raw keys and get neither. The lse is that of the attention over the transformed q, k.
+
+    ``stats``: any of "out_norm", "prefix_rows", "received" (see ``reference.AttentionStats``); then the call returns
+    ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue (per-head squared
+    norms, the prefix queries' scores normalised with the final lse); received takes a second pass over the keys."""
+    q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
+    B, N, H, d = q.shape
+    R = 0 if reg_k is None else reg_k.shape[-3]
+    P = num_prefix
+    rk, srk = _registers_view(reg_k, k)
+    rv, srv = _registers_view(reg_v, v)
+    qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
+    knw, knb = _norm_params(k_norm_weight, k_norm_bias, d, q)
+    rope_t, srope = _rope_view(rope, B, H, P, q)
+    out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if lse is None else lse
+    want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
+    out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
+    prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
+    BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
+    grid = (triton.cdiv(N, BLOCK_M) * B * H,)
+    prologue = dict(QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half))
+    _attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        rk,
+        rv,
+        out,
+        lse,
+        out_sq,
+        prefix_s,
+        qnw,
+        qnb,
+        knw,
+        knb,
+        rope_t,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        *srk,
+        *srv,
+        *srope,
+        H,
+        N,
+        R,
+        P,
+        d,
+        scale * LOG2E,
+        norm_eps,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_S=_pow2_at_least(R + P),
+        BLOCK_D=_pow2_at_least(d),
+        HAS_SMALL=(R + P) > 0,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        **prologue,
+        STAT_OUT_SQ=want_norm,
+        STAT_PREFIX=want_prefix,
+        num_warps=num_warps,
+        num_stages=_forward_stages(bool(qk_norm) or rope is not None),
+    )
+    if not stats:
+        return out, lse
+    results = {}
+    if want_norm:
+        results["out_norm"] = out_sq.sum(1).sqrt()
+    if want_prefix:
+        results["prefix_rows"] = torch.exp2(prefix_s - (lse[:, :, :P, None] * LOG2E))
+    if "received" in stats:
+        received = torch.empty((B, H, R + N), dtype=torch.float32, device=q.device)
+        args = (
+            q,
+            k,
+            rk,
+            lse,
+            received,
+            qnw,
+            qnb,
+            knw,
+            knb,
+            rope_t,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            *srk,
+            *srope,
+            H,
+            N,
+            R,
+            P,
+            d,
+            scale * LOG2E,
+            norm_eps,
+        )
+        common = dict(
+            BLOCK_M=BLOCK_M,
+            BLOCK_D=_pow2_at_least(d),
+            DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=num_warps,
+            num_stages=_received_stages(bool(qk_norm) or rope is not None),
+            **prologue,
+        )
+        if N > P:
+            _attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
+                *args, BLOCK_KEYS=BLOCK_N, SMALL_SEGMENT=False, **common
+            )
+        if R + P > 0:
+            _attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
+        results["received"] = received
+    return out, lse, results
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reg_k: Optional[torch.Tensor],
+    reg_v: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    num_prefix: int,
+    grad_buffers: Optional[tuple[torch.Tensor, ...]] = None,
+):
+    """Launch the backward kernels. Returns dq, dk, dv (B, N, H, d) contiguous and dreg_k, dreg_v (the shape of
+    reg_k, summed over the batch when shared) or None. ``grad_buffers``: optional (dq, dk, dv, drk, drv) to write
+    into, drk/drv float32 (B, max(R, 1), H, d) (tests pre-fill them with NaN)."""
+    q, k, v, dout = (_last_dim_unit_stride(t) for t in (q, k, v, dout))
+    B, N, H, d = q.shape
+    R = 0 if reg_k is None else reg_k.shape[-3]
+    P = num_prefix
+    rk, srk = _registers_view(reg_k, k)
+    rv, srv = _registers_view(reg_v, v)
+    # delta = rowsum(dO * O), (B, H, N) float32
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    if grad_buffers is None:
+        dq = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device)
+        dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+        drk = torch.empty((B, max(R, 1), H, d), dtype=torch.float32, device=q.device)
+        drv = torch.empty_like(drk)
+    else:
+        dq, dk, dv, drk, drv = grad_buffers
+    BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
+    BLOCK_D = _pow2_at_least(d)
+    BLOCK_S = _pow2_at_least(R + P)
+    common = dict(DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps)
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        *srk,
+        *srv,
+        dout.stride(0),
+        dout.stride(1),
+        dout.stride(2),
+    )
+    tail = (H, N, R, P, d, scale * LOG2E, scale)
+    dkdv_args = (q, k, v, rk, rv, dout, lse, delta, dk, dv, drk, drv) + strides + tail
+    if N > P:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
+            *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_N, BLOCK_D=BLOCK_D, SMALL_SEGMENT=False, **common
+        )
+    if R + P > 0:
+        _attn_bwd_dkdv_kernel[(B * H,)](
+            *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_S, BLOCK_D=BLOCK_D, SMALL_SEGMENT=True, **common
+        )
+    _attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M) * B * H,)](
+        q,
+        k,
+        v,
+        rk,
+        rv,
+        dout,
+        lse,
+        delta,
+        dq,
+        *strides,
+        *tail,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_S=BLOCK_S,
+        BLOCK_D=BLOCK_D,
+        HAS_SMALL=(R + P) > 0,
+        **common,
+    )
+    dreg_k = dreg_v = None
+    if R:
+        if reg_k.dim() == 3:
+            drk, drv = drk.sum(0), drv.sum(0)
+        dreg_k, dreg_v = drk.to(reg_k.dtype), drv.to(reg_v.dtype)
+    return dq, dk, dv, dreg_k, dreg_v

@@ -1,0 +1,45 @@
+"""``regkern.embed_tokens``: the entry sequence [CLS, registers, patches] + position embeddings, on a chosen backend
+(``regkern.ops.embed_tokens.backends``), through the op ``regkern::embed_tokens``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import choose_embed_tokens_backend
+from .op import embed_tokens_op
+
+__all__ = ["embed_tokens"]
+
+
+def embed_tokens(
+    x: torch.Tensor,
+    pos_embed: Optional[torch.Tensor] = None,
+    cls_token: Optional[torch.Tensor] = None,
+    reg_token: Optional[torch.Tensor] = None,
+    *,
+    no_embed_class: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """The entry sequence [CLS, registers, patches] with position embeddings, as timm's
+    ``VisionTransformer._pos_embed``.
+
+    Args:
+        x: (B, M, C) patch tokens, or (B, Hp, Wp, C) (flattened row-major to M = Hp * Wp).
+        pos_embed: (1, M, C) when ``no_embed_class`` (added to patches only), else (1, P + M, C) covering the prefix
+            too; None for models without absolute position embeddings. Resample it to the grid first
+            (``timm.layers.resample_abs_pos_embed``) for dynamic image sizes.
+        cls_token: (1, 1, C) or None. reg_token: (1, R, C) or None.
+        no_embed_class: timm's flag: position embeddings skip the prefix tokens (DeiT-3, DINOv2 with registers).
+        backend: None / "auto", "reference" or "cuda" (see the module docstring).
+
+    Returns:
+        (B, P + M, C) with P = (cls_token is not None) + R. Position embeddings are added in float32 and rounded once
+        (identical to timm in float32). Differentiable in every tensor input.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected patch tokens (B, M, C) or (B, Hp, Wp, C), got {got}")
+    name, _ = choose_embed_tokens_backend(backend, x, pos_embed, cls_token, reg_token)
+    return embed_tokens_op(x, pos_embed, cls_token, reg_token, bool(no_embed_class), name)

@@ -1,0 +1,208 @@
+"""torch.library ops of LayerNorm with norm capture: fakes, the one autograd, the input checks.
+
+    regkern::layer_norm_fwd(x, weight?, bias?, eps, impl) -> (y, norms, mean, rstd)
+    regkern::layer_norm_bwd(dy, x, weight?, bias?, mean, rstd, eps, impl) -> (dx, dweight, dbias)
+
+y has x's shape and dtype (contiguous); norms (each row's input L2 norm, an observation: not differentiable), mean
+and rstd (saved for the backward) are float32 of shape x.shape[:-1]. dweight/dbias come back as empty (0,) tensors
+when weight/bias are absent (ops cannot return None).
+
+``impl`` is "triton" (``regkern.ops.layer_norm.triton_kernels``: CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), "cuda" (the extension's ``regkern::cuda_layer_norm_fwd``: its CUDA kernel, or its C++
+reference on CPU tensors; the backward runs the Triton kernel on CUDA tensors and the reference on the CPU) or
+"reference" (PyTorch, float32 math on any device; float64 inputs are computed in float64). Being opaque ops with fake
+implementations and registered autograd, they compose with ``torch.compile(fullgraph=True)``. Under CUDA autocast
+the forward runs in float32, as ``F.layer_norm`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import reference
+from . import cuda
+
+__all__ = [
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+    "check_layer_norm_inputs",
+    "triton_kernels",
+    "triton_problem",
+    "IMPLS",
+    "X_DTYPES",
+    "KERNEL_DTYPES",
+]
+
+IMPLS = ("triton", "cuda", "reference")
+
+#: dtypes of x the op accepts, and those the Triton and CUDA kernels compute
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_kernels():
+    """The Triton kernels and launchers (``regkern.ops.layer_norm.triton_kernels``), imported on first use."""
+    # lazy import of the optional triton dependency: a missing or broken triton must not break `import regkern`,
+    # and TRITON_INTERPRET is read when the kernels are decorated
+    from . import triton_kernels as module
+
+    return module
+
+
+def triton_problem(device_type: str) -> str:
+    """Why the Triton kernels cannot run on ``device_type`` ("" when they can, as far as the device goes)."""
+    try:
+        module = triton_kernels()
+    except ImportError as err:  # triton missing or broken
+        return f"triton cannot be imported ({err})"
+    if device_type == "cpu" and not module.INTERPRETED:
+        return "CPU tensors need TRITON_INTERPRET=1 set before regkern's Triton kernels are imported"
+    return ""
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+
+
+def check_layer_norm_inputs(x, weight, bias, eps) -> None:
+    """Validate a LayerNorm call over the last dim of x; TypeError / ValueError naming the argument otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (..., C), got {type(x).__name__}")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x: expected a floating dtype in {[str(d) for d in X_DTYPES]}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim (..., C), got a {x.dim()}-dim tensor")
+    C = x.shape[-1]
+    if C < 1:
+        raise ValueError(f"x: expected a last dim C >= 1, got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape ({C},) or None, got {type(t).__name__}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{name}: expected shape ({C},) (the last dim of x), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected the device of x ({x.device}), got {t.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(like: Tensor) -> Tensor:
+    # a fresh empty tensor per absent gradient: op outputs may not alias each other
+    return like.new_empty((0,))
+
+
+# ------------------------------------------------------------------------------------------------------ ops
+
+
+@torch.library.custom_op("regkern::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, impl: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y (x's shape and dtype), norms, mean, rstd (x.shape[:-1], float32). See ``layer_norm_with_norms``."""
+    _check_impl(impl)
+    check_layer_norm_inputs(x, weight, bias, eps)
+    if impl == "triton":
+        if x.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"impl: 'triton' supports float16, bfloat16 and float32 inputs, got x of {x.dtype}")
+        problem = triton_problem(x.device.type)
+        if problem:
+            raise ValueError(f"impl: 'triton' cannot run: {problem}")
+        return triton_kernels().layer_norm_forward(x, weight, bias, eps)
+    if impl == "cuda":
+        if x.is_cuda and x.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"impl: 'cuda' supports float16, bfloat16 and float32 CUDA inputs, got x of {x.dtype}")
+        return cuda.layer_norm_forward(x, weight, bias, eps)
+    y, norms = reference.layer_norm_with_norms(x, weight, bias, eps)
+    xf = x.to(_compute_dtype(x.dtype))
+    var, mean = torch.var_mean(xf, dim=-1, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    return y.contiguous(), norms.contiguous(), mean.float().contiguous(), rstd.float().contiguous()
+
+
+@layer_norm_fwd.register_fake
+def _layer_norm_fwd_fake(x, weight, bias, eps, impl):
+    lead = x.shape[:-1]
+
+    def stat():
+        return x.new_empty(lead, dtype=torch.float32)
+
+    return x.new_empty(x.shape), stat(), stat(), stat()
+
+
+@torch.library.custom_op("regkern::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    eps: float,
+    impl: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """dx (x's shape and dtype), dweight, dbias (weight/bias's shape and dtype, or (0,) when absent)."""
+    _check_impl(impl)
+    if impl == "triton" or (impl == "cuda" and x.is_cuda):  # the cuda implementation's backward is Triton's
+        dx, dw, db = triton_kernels().layer_norm_backward(dy, x, weight, bias, mean, rstd)
+    else:
+        dx, dw, db = _reference_backward(dy, x, weight, bias, mean, rstd, eps)
+    return dx, _empty(x) if dw is None else dw, _empty(x) if db is None else db
+
+
+def _reference_backward(dy, x, weight, bias, mean, rstd, eps):
+    """The explicit LayerNorm gradient in float32 (float64 for float64 x):
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd."""
+    cdtype = _compute_dtype(x.dtype)
+    xf, dyf = x.to(cdtype), dy.to(cdtype)
+    if cdtype == torch.float64:  # the saved float32 statistics would cap the precision: recompute them
+        var, mean = torch.var_mean(xf, dim=-1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    mean, rstd = mean.to(cdtype).unsqueeze(-1), rstd.to(cdtype).unsqueeze(-1)
+    xhat = (xf - mean) * rstd
+    g = dyf if weight is None else dyf * weight.to(cdtype)
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    C = x.shape[-1]
+    dw = None if weight is None else (dyf * xhat).reshape(-1, C).sum(0).to(weight.dtype)
+    db = None if bias is None else dyf.reshape(-1, C).sum(0).to(bias.dtype)
+    return dx.to(x.dtype).contiguous(), dw, db
+
+
+@layer_norm_bwd.register_fake
+def _layer_norm_bwd_fake(dy, x, weight, bias, mean, rstd, eps, impl):
+    def like(t):
+        return x.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return x.new_empty(x.shape), like(weight), like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, impl = inputs
+    _, norms, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps, ctx.impl = eps, impl
+    ctx.mark_non_differentiable(norms, mean, rstd)  # norms are an observation; mean/rstd are saved statistics
+
+
+def _backward(ctx, dy, _dnorms, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.eps, ctx.impl)
+    return dx, None if weight is None else dw, None if bias is None else db, None, None
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+# as F.layer_norm under CUDA autocast (layer_norm is on its float32 list): inputs cast to float32, y float32.
+# CPU autocast leaves layer_norm alone, and so leaves this op alone.
+torch.library.register_autocast("regkern::layer_norm_fwd", "cuda", torch.float32)

@@ -1,0 +1,269 @@
+"""Triton kernels of LayerNorm with norm capture: forward (y, token norms, mean, rstd), backward (dx, dweight, dbias).
+
+Rows are the C-long vectors of x (..., C) viewed as (rows, C) with last stride 1; BLOCK_C pads C to a power of two
+with masks and each program handles BLOCK_R rows (one block in the forward; a contiguous run of blocks in the
+backward). All math runs in float32; y and dx are stored in x's dtype.
+
+    forward   y = (x - mean) * rstd * weight + bias; per row also norms = ||x||_2, mean, rstd (float32), the norm
+              being the residual-stream observation ``reference.layer_norm_with_norms`` returns
+    backward  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd from
+              the saved mean/rstd; each program writes its float32 partial sums of dy * xhat and dy over its rows
+              to a (programs, C) buffer that the launcher sums with torch: deterministic, no atomics
+
+Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.layer_norm_op``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_block(block, BLOCK_R: tl.constexpr):
+    # the rows of one block, int64 so that row * stride of large inputs does not overflow
+    return block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    X,
+    Y,
+    W,
+    BIAS,
+    NORMS,
+    MEAN,
+    RSTD,
+    n_rows,
+    C,
+    stride_x,
+    stride_y,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
+    rows = _row_block(tl.program_id(0), BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_mask = rows < n_rows
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sum_sq = tl.sum(x * x, axis=1)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)  # two-pass variance: no cancellation for large means
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(NORMS + rows, tl.sqrt(sum_sq), mask=row_mask)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    n_rows,
+    C,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    blocks_per_program,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
+    # program p owns row blocks [p * blocks_per_program, (p + 1) * blocks_per_program); rows >= n_rows are masked
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(0, blocks_per_program):
+        rows = _row_block(pid * blocks_per_program + i, BLOCK_R)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy
+        if HAS_W:
+            g = dy * w[None, :]
+        c_xhat = tl.sum(g * xhat, axis=1) / C
+        c_mean = tl.sum(g, axis=1) / C
+        dx = (g - (xhat * c_xhat[:, None] + c_mean[:, None])) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_W:
+            dw += tl.sum(dy * xhat, axis=0)
+        if HAS_B:
+            db += tl.sum(dy, axis=0)
+    if HAS_W:
+        tl.store(DW_PARTIAL + pid * C + cols, dw, mask=col_mask)
+    if HAS_B:
+        tl.store(DB_PARTIAL + pid * C + cols, db, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+#: True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors).
+INTERPRETED = type(_ln_fwd_kernel).__name__ == "InterpretedFunction"
+
+#: Largest row length the kernels take (one row is held in registers: BLOCK_C = next_power_of_2(C)).
+MAX_C = 16384
+
+
+def _config(C: int, device_type: str) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT widths are few.
+
+    On the GPU a program holds about 4096 elements (C = 384: 8 rows of 512; C = 1536: 2 rows of 2048)."""
+    block_c = triton.next_power_of_2(max(int(C), 1))
+    if device_type != "cuda":
+        return 16, block_c, 1  # interpreter: many rows per program keep CPU tests fast
+    block_r = max(1, min(16, 4096 // block_c))
+    num_warps = min(16, max(4, block_r * block_c // 512))
+    return block_r, block_c, num_warps
+
+
+@functools.cache
+def _backward_programs(device_type: str, index: Optional[int]) -> int:
+    """How many programs share the backward's rows (and so how many partial sums the launcher adds)."""
+    if device_type != "cuda":
+        return 4  # interpreter: several programs, each looping over several row blocks
+    return (
+        4
+        * torch.cuda.get_device_properties(
+            index if index is not None else torch.cuda.current_device()
+        ).multi_processor_count
+    )
+
+
+def _rows_view(t: torch.Tensor, C: int) -> torch.Tensor:
+    """(rows, C) view with last stride 1 (a copy only when no such view exists)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, C)
+
+
+def layer_norm_forward(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    y: Optional[torch.Tensor] = None,
+    norms: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel over the last dim of x (..., C).
+
+    Returns y (x's shape and dtype, contiguous), norms (x.shape[:-1], float32: ||x||_2 of each row), mean and rstd
+    (x.shape[:-1], float32, for the backward). y and norms are written into the given buffers when passed (tests
+    pre-fill them with NaN so unwritten elements show); y must then be contiguous."""
+    C = x.shape[-1]
+    x2 = _rows_view(x, C)
+    n_rows = x2.shape[0]
+    lead = x.shape[:-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if y is None else y
+    norms = torch.empty(lead, dtype=torch.float32, device=x.device) if norms is None else norms
+    mean = torch.empty(lead, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(lead, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, norms, mean, rstd
+    y2 = y.view(n_rows, C)
+    w = x2 if weight is None else weight.contiguous()
+    b = x2 if bias is None else bias.contiguous()
+    BLOCK_R, BLOCK_C, num_warps = _config(C, x.device.type)
+    _ln_fwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
+        x2,
+        y2,
+        w,
+        b,
+        norms,
+        mean,
+        rstd,
+        n_rows,
+        C,
+        x2.stride(0),
+        y2.stride(0),
+        float(eps),
+        BLOCK_R=BLOCK_R,
+        BLOCK_C=BLOCK_C,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        num_warps=num_warps,
+    )
+    return y, norms, mean, rstd
+
+
+def layer_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dx: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch the backward kernel. Returns dx (x's shape and dtype, contiguous; written into ``dx`` when passed),
+    dweight and dbias (the shape and dtype of weight/bias, summed over all rows) or None when absent.
+
+    mean and rstd are the forward's float32 (x.shape[:-1]) outputs; ``bias`` is only asked whether it exists."""
+    C = x.shape[-1]
+    x2 = _rows_view(x, C)
+    dy2 = _rows_view(dy, C)
+    n_rows = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
+    has_w, has_b = weight is not None, bias is not None
+    BLOCK_R, BLOCK_C, num_warps = _config(C, x.device.type)
+    num_blocks = triton.cdiv(n_rows, BLOCK_R)
+    per_program = max(1, triton.cdiv(num_blocks, _backward_programs(x.device.type, x.device.index)))
+    programs = triton.cdiv(num_blocks, per_program)
+    dw_partial = torch.empty((programs, C) if has_w else (0,), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, C) if has_b else (0,), dtype=torch.float32, device=x.device)
+    if n_rows:
+        dx2 = dx.view(n_rows, C)
+        _ln_bwd_kernel[(programs,)](
+            dy2,
+            x2,
+            x2 if weight is None else weight.contiguous(),
+            mean.reshape(-1),
+            rstd.reshape(-1),
+            dx2,
+            dw_partial if has_w else rstd,
+            db_partial if has_b else rstd,  # float32 stand-ins, never stored to
+            n_rows,
+            C,
+            dy2.stride(0),
+            x2.stride(0),
+            dx2.stride(0),
+            per_program,
+            BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C,
+            HAS_W=has_w,
+            HAS_B=has_b,
+            num_warps=num_warps,
+        )
+    dweight = dw_partial.sum(0).to(weight.dtype) if has_w else None
+    dbias = db_partial.sum(0).to(bias.dtype) if has_b else None
+    return dx, dweight, dbias

@@ -1,0 +1,196 @@
+"""Instance-level patching of timm models: ``patch_attention`` (what ``regkern.patch_timm`` does before it attaches
+a monitor) and ``unpatch_timm``, plus what regkern keeps on a patched model.
+
+Only the given model's modules are swapped (timm's classes are never replaced globally). Each replacement reuses the
+original module's submodules and Parameter objects, so the state_dict keys and tensors are unchanged, and remembers
+the original object so ``unpatch_timm`` can put it back.
+
+A monitor (``regkern.NormMonitor``, a higher layer) is attached to the model with ``attach_monitor`` and found with
+``get_monitor``; this layer only stores it and, in ``unpatch_timm``, calls its ``remove()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Optional
+
+import torch.nn as nn
+
+from ..nn import RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention
+
+__all__ = [
+    "patch_attention",
+    "unpatch_timm",
+    "get_monitor",
+    "attach_monitor",
+    "detach_monitor",
+    "supported_attention_classes",
+    "prefix_counters",
+    "original_module",
+]
+
+_ORIGINAL = "_regkern_original"
+_MONITOR = "_regkern_monitor"
+
+
+def supported_attention_classes() -> dict[type, type]:
+    """timm attention class -> regkern replacement."""
+    # lazy import of timm: importing regkern does not import timm
+    from timm.layers import Attention
+    from timm.models.eva import EvaAttention
+
+    return {Attention: RegisterViTAttention, EvaAttention: RegisterEvaAttention}
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower() or isinstance(module, nn.MultiheadAttention)
+
+
+def _set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def patch_attention(
+    model: nn.Module,
+    *,
+    backend: Optional[str] = None,
+    num_kv_registers: int = 0,
+) -> nn.Module:
+    """Swap every supported attention module of a timm model for its regkern drop-in, in place (``regkern.patch_timm``
+    without its ``monitor`` option).
+
+    Args:
+        model: a timm model (``VisionTransformer``, ``Eva``, ...) or any module tree holding timm attention layers.
+        backend: backend for every patched layer ("auto", "torch", "reference", ...); default $REGKERN_BACKEND/auto.
+        num_kv_registers: add R learnable KV-only registers to every patched layer (new ``reg_k``/``reg_v``
+            parameters, initialised small; 0 = none).
+
+    Returns:
+        The same model object. Unsupported attention classes are left untouched with one warning that names them.
+        The number of prefix tokens (CLS + registers) is read from ``model.num_prefix_tokens``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    supported = supported_attention_classes()
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    replacements: list[tuple[str, nn.Module]] = []
+    unsupported: Counter = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, RegisterAttentionBase) or _inside_patched(name, replacements):
+            continue
+        target = supported.get(type(module))
+        if target is None:
+            if name and _looks_like_attention(module):
+                unsupported[f"{type(module).__module__}.{type(module).__qualname__}"] += 1
+            continue
+        if not name:
+            raise TypeError("model: the model itself is an attention module; wrap it in a container to patch it")
+        if target is RegisterViTAttention:
+            new = RegisterViTAttention.from_timm(
+                module, num_kv_registers=num_kv_registers, num_prefix_tokens=num_prefix, backend=backend
+            )
+        else:
+            new = RegisterEvaAttention.from_timm(module, num_kv_registers=num_kv_registers, backend=backend)
+        object.__setattr__(new, _ORIGINAL, module)  # plain attribute: not a submodule, not in state_dict
+        replacements.append((name, new))
+    seq_len = _fixed_seq_len(model, num_prefix)
+    for name, new in replacements:
+        _set_child(model, name, new)
+        if seq_len is not None:
+            new.set_expected_seq_len(seq_len)
+    if unsupported:
+        listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
+        warnings.warn(f"regkern.patch_timm: left unsupported attention modules untouched: {listed}", stacklevel=3)
+    return model
+
+
+def _fixed_seq_len(model: nn.Module, num_prefix: int) -> Optional[int]:
+    """N of a timm ViT at its configured image size (prefix + patches), or None when it varies or is unknown."""
+    patch_embed = getattr(model, "patch_embed", None)
+    num_patches = getattr(patch_embed, "num_patches", None)
+    if getattr(model, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad", False):
+        return None
+    if isinstance(num_patches, int) and num_patches > 0:
+        return num_prefix + num_patches
+    return None
+
+
+def get_monitor(model: nn.Module):
+    """The ``NormMonitor`` that ``patch_timm(model, monitor=...)`` attached, or None."""
+    return model.__dict__.get(_MONITOR)
+
+
+def attach_monitor(model: nn.Module, monitor) -> None:
+    """Remember ``monitor`` (an object with ``remove()``) on ``model``: ``get_monitor`` finds it and
+    ``unpatch_timm`` removes it. ValueError when the model already has one."""
+    if get_monitor(model) is not None:
+        raise ValueError("monitor: the model already has a NormMonitor (regkern.get_monitor(model))")
+    object.__setattr__(model, _MONITOR, monitor)  # plain attribute: not a submodule, not in state_dict
+
+
+def detach_monitor(model: nn.Module):
+    """Forget the model's monitor and return it (None when there is none); the caller removes it."""
+    return model.__dict__.pop(_MONITOR, None)
+
+
+def original_module(module: nn.Module) -> Optional[nn.Module]:
+    """The timm module a patched regkern module replaced (None for anything else)."""
+    if not isinstance(module, RegisterAttentionBase):
+        return None
+    original = module.__dict__.get(_ORIGINAL)
+    return original if isinstance(original, nn.Module) else None
+
+
+def _inside_patched(name: str, replacements: list[tuple[str, nn.Module]]) -> bool:
+    return any(name.startswith(parent + ".") for parent, _ in replacements)
+
+
+def unpatch_timm(model: nn.Module) -> nn.Module:
+    """Put the original timm module objects back (in place) and return the model.
+
+    Parameters and buffers that were moved or converted while patched (``.to()``) are handed back to the original
+    modules, and their train/eval mode follows the patched module's. KV registers added by ``patch_timm`` are dropped.
+    """
+    monitor = detach_monitor(model)
+    if monitor is not None:
+        monitor.remove()
+    restores = []
+    for name, module in model.named_modules():
+        original = getattr(module, _ORIGINAL, None) if isinstance(module, RegisterAttentionBase) else None
+        if original is not None:
+            restores.append((name, module, original))
+    for name, patched, original in restores:
+        for pname, param in patched._parameters.items():
+            if pname in original._parameters:
+                original._parameters[pname] = param
+        for bname, buf in patched._buffers.items():
+            if bname in original._buffers:
+                original._buffers[bname] = buf
+        original.train(patched.training)
+        if name:
+            _set_child(model, name, original)
+    return model
+
+
+def prefix_counters(root: nn.Module) -> list[object]:
+    """Every object under ``root`` (``root`` itself excluded) with an int ``num_prefix_tokens``: submodules (regkern
+    and timm attention layers, patch dropout, ...) and the original timm modules that patched regkern modules keep for
+    ``unpatch_timm`` (not submodules, so not in ``modules()``). Code that changes the number of prefix tokens updates
+    them all."""
+    found, seen = [], {id(root)}
+    for module in root.modules():
+        candidates = [module]
+        original = original_module(module)
+        if original is not None:
+            candidates.extend(original.modules())
+        for obj in candidates:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            value = getattr(obj, "num_prefix_tokens", None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                found.append(obj)
+    return found

@@ -1,0 +1,40 @@
+"""GPU checks of monitoring: no output bit changes, CUDA-graph capture (marker ``gpu``)."""
+
+import copy
+
+import pytest
+import torch
+
+import regkern
+
+pytestmark = pytest.mark.gpu
+
+
+def test_monitored_model_matches_unmonitored_bits_and_captures_in_cuda_graph():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=224).cuda().eval()
+    base = base.to(torch.bfloat16)
+    plain = regkern.patch_timm(copy.deepcopy(base))
+    monitored = regkern.patch_timm(copy.deepcopy(base), monitor=True)
+    monitor = regkern.get_monitor(monitored)
+    x = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(monitored(x), plain(x))
+        # capture the monitored forward in a CUDA graph: no host sync inside, accumulators keep their addresses
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            monitored(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        monitor.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            monitored(static_x)
+        monitor.reset()
+        for _ in range(3):
+            graph.replay()
+    report = monitor.report()
+    assert report.rows[0]["count"] == 3 * 8  # 3 replays x 8 CLS tokens in layer 0
+    assert monitor.attention_maps(-1).shape == (8, 6, 5, 16, 16)

@@ -1,0 +1,88 @@
+"""regkern::embed_tokens: the op behind regkern.embed_tokens (fake, the one autograd), its "reference" implementation
+and its dispatch, on the CPU. (The "cuda" implementation: tests/ops/test_cuda_ext.py and test_cuda_emulated.py.)"""
+
+import pytest
+import torch
+
+import regkern
+from regkern import reference
+from regkern.ops.embed_tokens import DISPATCHER, embed_tokens_op
+from regkern.ops.embed_tokens.backends import EmbedTokensRequest
+from tests.helpers import case_id
+
+# (B, grid, C, cls, R, no_embed_class, pos)
+CASES = [
+    (2, (4,), 8, True, 4, True, True),
+    (3, (2, 3), 16, True, 0, False, True),
+    (1, (5,), 8, False, 2, False, True),
+    (2, (3,), 8, True, 1, False, False),
+    (1, (1,), 4, False, 0, True, True),
+]
+
+
+def case_name(c):
+    B, grid, C, cls, R, no_embed_class, pos = c
+    flags = ["cls" if cls else "nocls", "noembedclass" if no_embed_class else "", "" if pos else "nopos"]
+    return case_id(*flags, "x".join(map(str, grid)), B=B, C=C, R=R)
+
+
+def make(case, dtype=torch.float32, seed=0):
+    B, grid, C, cls, R, no_embed_class, pos = case
+    g = torch.Generator().manual_seed(seed)
+    M = 1
+    for s in grid:
+        M *= s
+    P = int(cls) + R
+
+    def t(*shape):
+        return (torch.randn(*shape, generator=g) + 0.5).to(dtype).requires_grad_()
+
+    x = t(B, *grid, C)
+    pos_embed = t(1, M if no_embed_class else P + M, C) if pos else None
+    return x, pos_embed, t(1, 1, C) if cls else None, t(1, R, C) if R else None, no_embed_class
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_name)
+def test_op_matches_plain_autograd_of_the_reference(case):
+    x, pos, cls, reg, nec = make(case)
+    got = embed_tokens_op(x, pos, cls, reg, nec, "reference")
+    want = reference.embed_tokens(x, pos, cls, reg, no_embed_class=nec)
+    assert torch.equal(got, want)
+    inputs = [t for t in (x, pos, cls, reg) if t is not None]
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=case_name)
+def test_opcheck_and_gradcheck(case):
+    x, pos, cls, reg, nec = make(case, dtype=torch.float64)
+    torch.library.opcheck(embed_tokens_op, (x, pos, cls, reg, nec, "reference"))
+    inputs = tuple(t for t in (x, pos, cls, reg) if t is not None)
+
+    def f(*ts):
+        it = iter(ts)
+        args = [next(it) if t is not None else None for t in (x, pos, cls, reg)]
+        return embed_tokens_op(*args, nec, "reference")
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_fake_matches_real_dtype_and_shape_under_compile():
+    x, pos, cls, reg, nec = make(CASES[0])
+    compiled = torch.compile(
+        lambda *a: regkern.embed_tokens(*a, no_embed_class=nec), fullgraph=True, backend="aot_eager"
+    )
+    got = compiled(x.half(), pos, cls.half(), reg.half())
+    want = reference.embed_tokens(x.half(), pos, cls.half(), reg.half(), no_embed_class=nec)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_dispatch_auto_and_errors():
+    x, pos, cls, reg, nec = make(CASES[0])
+    choice = DISPATCHER.resolve(None, EmbedTokensRequest.from_tensors(x, pos, cls, reg))
+    assert choice.name == "reference" and "auto (default)" in choice.reason
+    with pytest.raises(ValueError, match="backend: unknown embed_tokens backend 'triton'"):
+        regkern.embed_tokens(x, pos, cls, reg, backend="triton")
+    with pytest.raises(ValueError, match="impl: expected one of"):
+        embed_tokens_op(x, pos, cls, reg, nec, "triton")
