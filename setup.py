@@ -24,6 +24,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 
@@ -48,11 +49,23 @@ class BuildPyWithSources(build_py):
         if getattr(self, "editable_mode", False):
             return
         source = ROOT / "csrc"
+        files = cuda_build.source_files(source)
+        missing = [name for name in cuda_build.SOURCES if source / name not in files]
+        if missing:  # a wheel without them could never build the extension just in time: fail the build instead
+            raise SystemExit(f"regkern: csrc/ sources missing from this source tree: {', '.join(missing)}")
         target = Path(self.build_lib) / "regkern" / "csrc"
-        for path in cuda_build.source_files(source):
+        for path in files:
             destination = target / path.relative_to(source)
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, destination)
+
+
+class SdistWithSources(sdist):
+    """sdist that carries csrc/ (the wheels built from it ship it as package data)."""
+
+    def make_release_tree(self, base_dir, files):
+        extra = [str(p.relative_to(ROOT)) for p in cuda_build.source_files(ROOT / "csrc")]
+        super().make_release_tree(base_dir, sorted(set(files) | set(extra)))
 
 
 def cuda_extension():
@@ -94,5 +107,6 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 cmdclass["build_py"] = BuildPyWithSources
+cmdclass["sdist"] = SdistWithSources
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -11,11 +11,8 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 step="${1:-check}"
 
-# the toolkit behind nvcc, and this GPU's architecture only (a faster build than the default sm_80 + sm_90)
-nvcc_path="$(command -v nvcc || true)"
-if [ -z "${CUDA_HOME:-}" ] && [ -n "$nvcc_path" ]; then
-  export CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"
-fi
+# this GPU's architecture only (a faster build than the default sm_80 + sm_90); the CUDA toolkit is the one behind the
+# nvcc on PATH (setup.py and regkern.ops.cuda_ext find it, also behind a wrapper script) unless CUDA_HOME names one
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 "$py" - <<'PY' | tee "$out/environment.txt"

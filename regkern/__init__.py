@@ -21,7 +21,9 @@ The package is layered, imports going one way (checked by import-linter, see pyp
 Importing regkern never touches a GPU, xformers or a compiled extension.
 """
 
-from . import reference
+import sys
+
+from . import nn, ops, reference
 from .monitor import NormMonitor, NormReport, patch_timm
 from .nn import MonitoredLayerNorm, RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention, explain
 from .ops import cuda_ext, dispatch_table
@@ -41,6 +43,20 @@ from .timm import (
     unpatch_timm,
 )
 from .version import __version__
+
+# Import paths of the flat package before it was layered (0.1.0), kept as aliases of the modules that replaced
+# them: ``import regkern.cuda_ext`` keeps working, and pickles of whole models that name ``regkern.modules`` or
+# ``regkern.monitored_layer_norm`` classes still load.
+_MOVED_MODULES = {
+    "cuda_ext": ops.cuda_ext,
+    "dispatch_table": ops.dispatch_table,
+    "modules": nn.attention,
+    "monitored_layer_norm": nn.layer_norm,
+}
+for _old, _module in _MOVED_MODULES.items():
+    sys.modules.setdefault(f"{__name__}.{_old}", _module)
+    globals().setdefault(_old, _module)  # `import regkern.modules as m` reads the attribute
+del _old, _module
 
 __all__ = [
     "__version__",

@@ -1,5 +1,5 @@
 // A host emulator for the subset of CUDA that regkern's kernels use, so the very sources in csrc/*.cu run on the
-// CPU (tests/test_cuda_emulated.py). Each block runs as blockDim.x std::threads, blocks one after another:
+// CPU (tests/ops/test_cuda_emulated.py). Each block runs as blockDim.x std::threads, blocks one after another:
 //   __shared__          -> static storage (one block at a time, so every thread of the block sees the same array)
 //   __syncthreads()     -> a barrier of the block's threads
 //   __shfl_xor_sync     -> an exchange through a per-warp buffer between two barriers of the warp's 32 threads

@@ -71,11 +71,22 @@ _callbacks: list[Callable[[], None]] = []
 
 
 def on_load(callback: Callable[[], None]) -> None:
-    """Run ``callback()`` once the extension's ops are registered (now, if they already are). The op folders
+    """Run ``callback()`` once, when the extension's ops are registered (now, if they already are). The op folders
     register their C++ ops' fake implementations this way."""
-    _callbacks.append(callback)
+    _callbacks.append(_once(callback))
     if _status is not None and _status.loaded:
-        callback()
+        _callbacks[-1]()
+
+
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    done = []
+
+    def run() -> None:
+        if not done:
+            callback()
+            done.append(True)
+
+    return run
 
 
 def _mode() -> str:

@@ -63,29 +63,40 @@ class Backend:
     Attributes:
         name: what users pass as ``backend=``.
         description: one line, in words.
-        device_types: device types it runs on (CPU under an interpreter or a C++ reference included).
+        device_types: device types it runs on (CPU under an interpreter or a C++ reference included); None: any
+            device PyTorch runs on.
         auto_device_types: device types ``"auto"`` may pick it for (None: all of ``device_types``).
-        dtypes: input dtypes it supports.
+        dtypes: input dtypes it supports; ``device_dtypes`` refines them per device type.
         features: optional features it supports (op-specific names, e.g. statistics, "attn_mask").
         measured: ``"auto"`` picks it only where the measured dispatch table says it is faster.
     """
 
     name: str = ""
     description: str = ""
-    device_types: tuple[str, ...] = ("cuda", "cpu")
+    device_types: Optional[tuple[str, ...]] = ("cuda", "cpu")
     auto_device_types: Optional[tuple[str, ...]] = None
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    device_dtypes: Optional[dict[str, tuple[torch.dtype, ...]]] = None
     features: frozenset[str] = frozenset()
     measured: bool = False
+
+    def runs_on(self, device_type: str) -> bool:
+        """Whether this backend runs on ``device_type`` at all."""
+        return self.device_types is None or device_type in self.device_types
+
+    def supported_dtypes(self, device_type: str) -> tuple[torch.dtype, ...]:
+        """The input dtypes this backend runs on ``device_type``."""
+        return (self.device_dtypes or {}).get(device_type, self.dtypes)
 
     def not_supported_reasons(self, request) -> list[str]:
         """Reasons, in words, why this backend cannot serve ``request``; empty when it can. The base class checks
         the declared device types, dtypes and ``request.features``."""
         reasons = []
-        if request.device_type not in self.device_types:
+        if self.device_types is not None and request.device_type not in self.device_types:
             reasons.append(f"device type {request.device_type!r} is not supported ({', '.join(self.device_types)})")
-        if request.dtype not in self.dtypes:
-            names = ", ".join(dtype_name(d) for d in self.dtypes)
+        dtypes = self.supported_dtypes(request.device_type)
+        if request.dtype not in dtypes:
+            names = ", ".join(dtype_name(d) for d in dtypes)
             reasons.append(f"dtype {dtype_name(request.dtype)} is not supported ({names})")
         missing = sorted(set(request.features) - set(self.features))
         if missing:

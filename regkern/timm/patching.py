@@ -103,7 +103,7 @@ def patch_attention(
             new.set_expected_seq_len(seq_len)
     if unsupported:
         listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
-        warnings.warn(f"regkern.patch_timm: left unsupported attention modules untouched: {listed}", stacklevel=3)
+        warnings.warn(f"regkern: left unsupported attention modules untouched: {listed}", stacklevel=3)
     return model
 
 

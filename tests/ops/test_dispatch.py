@@ -11,9 +11,12 @@ import torch
 
 from regkern.ops import dispatch, dispatch_table
 from regkern.ops.attention import DISPATCHER as ATTENTION
+from regkern.ops.attention import AttentionRequest
 from regkern.ops.dispatch import Backend, Dispatcher, UnavailableBackend
 from regkern.ops.embed_tokens import DISPATCHER as EMBED
+from regkern.ops.embed_tokens.backends import EmbedTokensRequest
 from regkern.ops.layer_norm import DISPATCHER as LAYER_NORM
+from regkern.ops.layer_norm.backends import LayerNormRequest
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,25 @@ def test_every_op_family_uses_the_one_dispatcher():
         assert [b.name for b in d.backends.values() if b.measured] == ["cuda"]
         assert all(isinstance(b, Backend) for b in d.backends.values())
     assert dispatch.Dispatcher.resolve is ATTENTION.resolve.__func__ is LAYER_NORM.resolve.__func__
+
+
+def _request(op, device_type, dtype):
+    capability = (9, 0) if device_type == "cuda" else None
+    if op == "attention":
+        return AttentionRequest(device_type, dtype, 64, capability=capability, seq_len=17)
+    if op == "layer_norm":
+        return LayerNormRequest(device_type, dtype, 64, capability)
+    return EmbedTokensRequest(device_type, dtype, 64, capability, 21, (dtype, dtype, dtype))
+
+
+@pytest.mark.parametrize("dispatcher", [ATTENTION, LAYER_NORM, EMBED], ids=lambda d: d.op)
+def test_declared_support_agrees_with_the_reasons(dispatcher):
+    """What a backend declares (device types, dtypes per device) is what it refuses: every undeclared combination
+    gets reasons in words (declared ones may still be refused for other reasons, e.g. a missing extension)."""
+    for backend in dispatcher.backends.values():
+        for device_type in ("cpu", "cuda", "mps"):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                declared = backend.runs_on(device_type) and dtype in backend.supported_dtypes(device_type)
+                if not declared:
+                    reasons = backend.not_supported_reasons(_request(dispatcher.op, device_type, dtype))
+                    assert reasons, (backend.name, device_type, dtype)

@@ -46,7 +46,7 @@ def configs(arch):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for d in (64, 128):
             for N in (261, 1374):
-                block_m, block_n, warps = at._config(N, d, torch_dtype, "cuda")
+                block_m, block_n, warps = at.launch_config(N, d, torch_dtype, "cuda")
                 # (qk_norm, rope, rotate_half, statistics)
                 variants = [
                     (False, False, False, False),
@@ -55,10 +55,10 @@ def configs(arch):
                     (False, True, False, False),
                 ]
                 for qk_norm, rope, half, stats in variants[1 if arch == 80 else 0 :]:
-                    stages = at._forward_stages(qk_norm or rope)
+                    stages = at.forward_stages(qk_norm or rope)
                     flags = dict(QK_NORM=qk_norm, USE_ROPE=rope, ROTATE_HALF=half)
                     yield (
-                        at._attn_fwd_kernel,
+                        at.attn_fwd_kernel,
                         dtype,
                         warps,
                         stages,
@@ -77,10 +77,10 @@ def configs(arch):
                     if stats:
                         for small, keys in ((False, block_n), (True, 16)):
                             yield (
-                                at._attn_received_kernel,
+                                at.attn_received_kernel,
                                 dtype,
                                 warps,
-                                at._received_stages(qk_norm or rope),
+                                at.received_stages(qk_norm or rope),
                                 dict(
                                     BLOCK_M=block_m,
                                     BLOCK_KEYS=keys,
@@ -92,14 +92,14 @@ def configs(arch):
                             )
                 for small, keys in ((False, block_n), (True, 16)):
                     yield (
-                        at._attn_bwd_dkdv_kernel,
+                        at.attn_bwd_dkdv_kernel,
                         dtype,
                         warps,
                         3,
                         dict(BLOCK_M=block_m, BLOCK_KEYS=keys, BLOCK_D=d, SMALL_SEGMENT=small, DOT_PRECISION=precision),
                     )
                 yield (
-                    at._attn_bwd_dq_kernel,
+                    at.attn_bwd_dq_kernel,
                     dtype,
                     warps,
                     3,
@@ -119,11 +119,11 @@ def layer_norm_configs():
     """Forward and backward LayerNorm kernels at ViT widths, with and without the affine parameters."""
     for dtype in ("bf16", "fp16", "fp32"):
         for C in (384, 768, 1024, 1536):
-            block_r, block_c, warps = lnt._config(C, "cuda")
+            block_r, block_c, warps = lnt.launch_config(C, "cuda")
             for affine in (True, False):
                 flags = dict(BLOCK_R=block_r, BLOCK_C=block_c, HAS_W=affine, HAS_B=affine)
-                yield lnt._ln_fwd_kernel, dtype, warps, 3, flags  # the launchers leave num_stages at its default
-                yield lnt._ln_bwd_kernel, dtype, warps, 3, flags
+                yield lnt.ln_fwd_kernel, dtype, warps, 3, flags  # the launchers leave num_stages at its default
+                yield lnt.ln_bwd_kernel, dtype, warps, 3, flags
 
 
 def _compile(job):

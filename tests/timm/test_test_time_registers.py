@@ -1,4 +1,4 @@
-"""Test-time registers (regkern.test_time_registers) on tiny CPU models with planted register neurons.
+"""Test-time registers (regkern.timm.test_time_registers) on tiny CPU models with planted register neurons.
 
 The planted model (``planted_vit``) is a random-init DINOv2-style ViT (CLS + 4 trained registers, 4x4 patches of
 14 px, 4 blocks) whose weights are edited so that it has register neurons, as a trained ViT does:

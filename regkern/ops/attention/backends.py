@@ -5,11 +5,12 @@ an ``AttentionRequest`` (static facts: device, dtype, head dim, requested statis
 inside a forward, so the choice is stable under ``torch.compile`` and CUDA-graph capture.
 
 Backends, in the order ``"auto"`` tries them:
-    cuda       hand-written CUDA kernels from csrc/ (extension ``regkern._C``, see ``regkern.cuda_ext``): tried first
-               only where the measured dispatch table (``regkern.dispatch_table``) says it beats Triton for the
-               GPU, dtype, head dim and sequence length; forward on tensor cores, backward by the Triton kernels.
-    triton     fused Triton kernels (``regkern.attention_triton``): registers and prefix as their own KV segment,
-               forward + backward, LSE. CUDA tensors; CPU tensors only when named explicitly under TRITON_INTERPRET=1.
+    cuda       hand-written CUDA kernels from csrc/ (extension ``regkern._C``, see ``regkern.ops.cuda_ext``): tried
+               first only where the measured dispatch table (``regkern.ops.dispatch_table``) says it beats Triton for
+               the GPU, dtype, head dim and sequence length; forward on tensor cores, backward by the Triton kernels.
+    triton     fused Triton kernels (``regkern.ops.attention.triton_kernels``): registers and prefix as their own KV
+               segment, forward + backward, LSE. CUDA tensors; CPU tensors only when named explicitly under
+               TRITON_INTERPRET=1.
     torch      PyTorch ``scaled_dot_product_attention`` with registers concatenated to the keys; statistics, when
                requested, from the materialising reference beside it (the output stays SDPA's).
     reference  the materialising float32 reference; supports everything, slow; serves statistics and tests.
@@ -102,6 +103,7 @@ class AttentionBackend(Backend):
 class ReferenceBackend(AttentionBackend):
     name = "reference"
     description = "materialising float32 PyTorch reference (slow; every feature)"
+    device_types = None
 
     def not_supported_reasons(self, request: AttentionRequest) -> list[str]:
         return []  # any device, any floating dtype, every feature
@@ -123,6 +125,7 @@ class ReferenceBackend(AttentionBackend):
 
 class TorchBackend(AttentionBackend):
     name = "torch"
+    device_types = None
     description = (
         "PyTorch scaled_dot_product_attention, registers concatenated to the keys; statistics, when requested, "
         "from the materialising reference beside it (out stays SDPA's, bit for bit)"
@@ -257,7 +260,8 @@ class CudaBackend(AttentionBackend):
     auto_device_types = ("cuda",)
     measured = True  # auto picks it only where the measured dispatch table says it beats triton
     cuda_dtypes = (torch.float16, torch.bfloat16)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)  # float32 only on the CPU (the C++ reference)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    device_dtypes = {"cuda": cuda_dtypes, "cpu": dtypes}  # float32 only on the CPU (the C++ reference)
     head_dims = (64, 128)
     features = frozenset(("lse", "out_norm"))
 
@@ -316,16 +320,17 @@ class CudaBackend(AttentionBackend):
         return _stats_from_op(return_stats, out, lse, out_norm)
 
 
-BACKENDS: dict[str, AttentionBackend] = {
-    b.name: b for b in (TritonBackend(), CudaBackend(), TorchBackend(), ReferenceBackend())
-}
-
 #: The order in which ``"auto"`` tries backends after the dispatch table's word on triton vs cuda; the first that
 #: supports the request wins. "cuda" is not in it: auto picks it only where the measured table says it is faster.
 AUTO_ORDER: tuple[str, ...] = ("triton", "torch", "reference")
 
 #: the attention op's dispatcher (``regkern.ops.dispatch``); $REGKERN_BACKEND names a backend when none is given
-DISPATCHER = Dispatcher("attention", "", tuple(BACKENDS.values()), AUTO_ORDER, env_var=ENV_VAR)
+DISPATCHER = Dispatcher(
+    "attention", "", (TritonBackend(), CudaBackend(), TorchBackend(), ReferenceBackend()), AUTO_ORDER, env_var=ENV_VAR
+)
+
+#: the attention backends by name: the dispatcher's own table (a backend added here is one ``resolve`` can pick)
+BACKENDS: dict[str, AttentionBackend] = DISPATCHER.backends
 
 
 def get_backend(name: str) -> AttentionBackend:

@@ -9,7 +9,7 @@ Queries are tiled from row 0. q, k, v are read as strided (B, N, H, d) views (la
 (B, R, H, d) with batch stride 0 when shared. out is written contiguous (B, N, H, d); lse (B, H, N) float32 is the
 natural-log sum-exp that the backward recomputes probabilities from.
 
-Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.attention_op``.
+Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.ops.attention.op``.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _online_softmax_step(s, m_i, l_i, acc, v, valid_cols):
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def attn_fwd_kernel(
     Q,
     K,
     V,
@@ -327,7 +327,7 @@ def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr)
 
 
 @triton.jit
-def _attn_received_kernel(
+def attn_received_kernel(
     Q,
     K,
     RK,
@@ -443,7 +443,7 @@ def _attn_received_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
+def attn_bwd_dkdv_kernel(
     Q,
     K,
     V,
@@ -544,7 +544,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
+def attn_bwd_dq_kernel(
     Q,
     K,
     V,
@@ -632,14 +632,14 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 #: True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(attn_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _pow2_at_least(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(x), 1)))
 
 
-def _config(N: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, int, int]:
+def launch_config(N: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT shapes are few.
 
     BLOCK_M is 128 unless 64 pads the queries much less (N = 261: 320 rows instead of 384)."""
@@ -654,13 +654,13 @@ def _config(N: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, 
     return 128, block_n, 8
 
 
-def _forward_stages(prologue: bool) -> int:
+def forward_stages(prologue: bool) -> int:
     """Software-pipelining depth of the forward: the fused prologue loads two K tiles and the RoPE table per step,
     so it pipelines 2 deep to stay within sm_80's shared memory (checked by tests/triton_aot_compile.py)."""
     return 2 if prologue else 3
 
 
-def _received_stages(prologue: bool) -> int:
+def received_stages(prologue: bool) -> int:
     """Pipelining depth of the ``received`` pass: with the prologue it reloads and transforms a Q tile (and its
     rotation partners and RoPE table) per step; one stage keeps that within sm_80's shared memory."""
     return 1 if prologue else 3
@@ -764,10 +764,10 @@ def attention_forward(
     want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
     out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
     prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
-    BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
+    BLOCK_M, BLOCK_N, num_warps = launch_config(N, d, q.dtype, q.device.type)
     grid = (triton.cdiv(N, BLOCK_M) * B * H,)
     prologue = dict(QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half))
-    _attn_fwd_kernel[grid](
+    attn_fwd_kernel[grid](
         q,
         k,
         v,
@@ -811,7 +811,7 @@ def attention_forward(
         STAT_OUT_SQ=want_norm,
         STAT_PREFIX=want_prefix,
         num_warps=num_warps,
-        num_stages=_forward_stages(bool(qk_norm) or rope is not None),
+        num_stages=forward_stages(bool(qk_norm) or rope is not None),
     )
     if not stats:
         return out, lse
@@ -854,15 +854,15 @@ def attention_forward(
             BLOCK_D=_pow2_at_least(d),
             DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=num_warps,
-            num_stages=_received_stages(bool(qk_norm) or rope is not None),
+            num_stages=received_stages(bool(qk_norm) or rope is not None),
             **prologue,
         )
         if N > P:
-            _attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
+            attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
                 *args, BLOCK_KEYS=BLOCK_N, SMALL_SEGMENT=False, **common
             )
         if R + P > 0:
-            _attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
+            attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
         results["received"] = received
     return out, lse, results
 
@@ -898,7 +898,7 @@ def attention_backward(
         drv = torch.empty_like(drk)
     else:
         dq, dk, dv, drk, drv = grad_buffers
-    BLOCK_M, BLOCK_N, num_warps = _config(N, d, q.dtype, q.device.type)
+    BLOCK_M, BLOCK_N, num_warps = launch_config(N, d, q.dtype, q.device.type)
     BLOCK_D = _pow2_at_least(d)
     BLOCK_S = _pow2_at_least(R + P)
     common = dict(DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps)
@@ -921,14 +921,14 @@ def attention_backward(
     tail = (H, N, R, P, d, scale * LOG2E, scale)
     dkdv_args = (q, k, v, rk, rv, dout, lse, delta, dk, dv, drk, drv) + strides + tail
     if N > P:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
+        attn_bwd_dkdv_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
             *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_N, BLOCK_D=BLOCK_D, SMALL_SEGMENT=False, **common
         )
     if R + P > 0:
-        _attn_bwd_dkdv_kernel[(B * H,)](
+        attn_bwd_dkdv_kernel[(B * H,)](
             *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_S, BLOCK_D=BLOCK_D, SMALL_SEGMENT=True, **common
         )
-    _attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M) * B * H,)](
+    attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M) * B * H,)](
         q,
         k,
         v,

@@ -58,6 +58,7 @@ class EmbedTokensRequest:
 class ReferenceEmbedTokens(Backend):
     name = "reference"
     description = "PyTorch: concatenation, then one float32 add of the position embeddings, rounded once"
+    device_types = None
 
     def not_supported_reasons(self, request: EmbedTokensRequest) -> list[str]:
         return []
@@ -68,6 +69,7 @@ class CudaEmbedTokens(Backend):
     description = "one-pass CUDA kernel (csrc/embed_tokens.cu); C++ reference on CPU tensors"
     auto_device_types = ("cuda",)
     measured = True
+    device_dtypes = {"cuda": _CUDA_DTYPES}  # any floating dtype on the CPU (the C++ reference)
 
     def not_supported_reasons(self, request: EmbedTokensRequest) -> list[str]:
         reasons = []

@@ -1,5 +1,6 @@
 """``regkern.embed_tokens``: the entry sequence [CLS, registers, patches] + position embeddings, on a chosen backend
-(``regkern.ops.embed_tokens.backends``), through the op ``regkern::embed_tokens``."""
+(``regkern.ops.embed_tokens.backends``): the "reference" backend is the PyTorch reference itself, the "cuda" one
+runs through the op ``regkern::embed_tokens`` (its one autograd)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ... import reference
 from .backends import choose_embed_tokens_backend
 from .op import embed_tokens_op
 
@@ -42,4 +44,7 @@ def embed_tokens(
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected patch tokens (B, M, C) or (B, Hp, Wp, C), got {got}")
     name, _ = choose_embed_tokens_backend(backend, x, pos_embed, cls_token, reg_token)
+    if name == "reference":
+        # plain PyTorch ops: autograd (and torch.func transforms) straight through the reference
+        return reference.embed_tokens(x, pos_embed, cls_token, reg_token, no_embed_class=no_embed_class)
     return embed_tokens_op(x, pos_embed, cls_token, reg_token, bool(no_embed_class), name)

@@ -44,6 +44,8 @@ def embed_tokens_op(
 @embed_tokens_op.register_fake
 def _embed_tokens_fake(x, pos_embed, cls_token, reg_token, no_embed_class, impl):
     B, C = x.shape[0], x.shape[-1]
+    if pos_embed is not None and pos_embed.shape[0] != 1:
+        B = pos_embed.shape[0]  # the reference broadcasts x's batch against a batched pos_embed
     M = math.prod(x.shape[1:-1])
     P = (cls_token is not None) + (0 if reg_token is None else reg_token.shape[1])
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
@@ -54,21 +56,28 @@ def _setup_context(ctx, inputs, output):
     x, pos_embed, cls_token, reg_token, no_embed_class, _ = inputs
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (pos_embed, cls_token, reg_token))
+    ctx.shapes = tuple(None if t is None else t.shape for t in (pos_embed, cls_token, reg_token))
     ctx.R = 0 if reg_token is None else reg_token.shape[1]
     ctx.no_embed_class = no_embed_class
 
 
 def _backward(ctx, dout):
     pos_dtype, cls_dtype, reg_dtype = ctx.dtypes
+    pos_shape, cls_shape, reg_shape = ctx.shapes
     has_cls = cls_dtype is not None
     P = int(has_cls) + ctx.R
-    f32 = torch.promote_types(dout.dtype, torch.float32)  # batch sums accumulate in float32 (or float64)
-    dx = dout[:, P:].reshape(ctx.x_shape).to(ctx.x_dtype)
-    dcls = dout[:, :1].sum(0, keepdim=True, dtype=f32).to(cls_dtype) if has_cls else None
-    dreg = dout[:, int(has_cls) : P].sum(0, keepdim=True, dtype=f32).to(reg_dtype) if reg_dtype is not None else None
+    acc = torch.promote_types(dout.dtype, torch.float32)  # batch sums accumulate in float32 (or float64)
+
+    def reduce_to(grad, shape, dtype):  # the gradient of a broadcast input: summed over what was broadcast
+        return grad.to(acc).sum_to_size(shape).to(dtype)
+
+    patches = dout[:, P:].reshape(dout.shape[0], *ctx.x_shape[1:])
+    dx = reduce_to(patches, ctx.x_shape, ctx.x_dtype)
+    dcls = reduce_to(dout[:, :1], cls_shape, cls_dtype) if has_cls else None
+    dreg = reduce_to(dout[:, int(has_cls) : P], reg_shape, reg_dtype) if reg_dtype is not None else None
     dpos = None
     if pos_dtype is not None:
-        dpos = (dout[:, P:] if ctx.no_embed_class else dout).sum(0, keepdim=True, dtype=f32).to(pos_dtype)
+        dpos = reduce_to(dout[:, P:] if ctx.no_embed_class else dout, pos_shape, pos_dtype)
     return dx, dpos, dcls, dreg, None, None
 
 

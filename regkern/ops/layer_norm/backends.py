@@ -54,6 +54,7 @@ class TritonLayerNorm(LayerNormBackend):
     name = "triton"
     description = "Triton kernels: one pass reads each row once for y, its norm, mean and rstd"
     auto_device_types = ("cuda",)
+    dtypes = KERNEL_DTYPES
 
     def not_supported_reasons(self, request: LayerNormRequest) -> list[str]:
         if request.dtype not in X_DTYPES:
@@ -77,6 +78,8 @@ class CudaLayerNorm(LayerNormBackend):
     description = "the CUDA kernel of csrc/layer_norm.cu (C++ reference on CPU tensors); backward by Triton"
     auto_device_types = ("cuda",)
     measured = True
+    dtypes = X_DTYPES
+    device_dtypes = {"cuda": KERNEL_DTYPES, "cpu": X_DTYPES}  # the C++ reference on the CPU
 
     def not_supported_reasons(self, request: LayerNormRequest) -> list[str]:
         if request.dtype not in X_DTYPES:
@@ -96,6 +99,8 @@ class CudaLayerNorm(LayerNormBackend):
 class ReferenceLayerNorm(LayerNormBackend):
     name = "reference"
     description = "PyTorch, float32 math (float64 for float64 inputs)"
+    device_types = None
+    dtypes = X_DTYPES
 
     def not_supported_reasons(self, request: LayerNormRequest) -> list[str]:
         if request.dtype not in X_DTYPES:

@@ -10,7 +10,7 @@ backward). All math runs in float32; y and dx are stored in x's dtype.
               the saved mean/rstd; each program writes its float32 partial sums of dy * xhat and dy over its rows
               to a (programs, C) buffer that the launcher sums with torch: deterministic, no atomics
 
-Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.layer_norm_op``.
+Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.ops.layer_norm.op``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _row_block(block, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _ln_fwd_kernel(
+def ln_fwd_kernel(
     X,
     Y,
     W,
@@ -72,7 +72,7 @@ def _ln_fwd_kernel(
 
 
 @triton.jit
-def _ln_bwd_kernel(
+def ln_bwd_kernel(
     DY,
     X,
     W,
@@ -129,13 +129,13 @@ def _ln_bwd_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 #: True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = type(_ln_fwd_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(ln_fwd_kernel).__name__ == "InterpretedFunction"
 
 #: Largest row length the kernels take (one row is held in registers: BLOCK_C = next_power_of_2(C)).
 MAX_C = 16384
 
 
-def _config(C: int, device_type: str) -> tuple[int, int, int]:
+def launch_config(C: int, device_type: str) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT widths are few.
 
     On the GPU a program holds about 4096 elements (C = 384: 8 rows of 512; C = 1536: 2 rows of 2048)."""
@@ -193,8 +193,8 @@ def layer_norm_forward(
     y2 = y.view(n_rows, C)
     w = x2 if weight is None else weight.contiguous()
     b = x2 if bias is None else bias.contiguous()
-    BLOCK_R, BLOCK_C, num_warps = _config(C, x.device.type)
-    _ln_fwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
+    BLOCK_R, BLOCK_C, num_warps = launch_config(C, x.device.type)
+    ln_fwd_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
         x2,
         y2,
         w,
@@ -235,7 +235,7 @@ def layer_norm_backward(
     n_rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
     has_w, has_b = weight is not None, bias is not None
-    BLOCK_R, BLOCK_C, num_warps = _config(C, x.device.type)
+    BLOCK_R, BLOCK_C, num_warps = launch_config(C, x.device.type)
     num_blocks = triton.cdiv(n_rows, BLOCK_R)
     per_program = max(1, triton.cdiv(num_blocks, _backward_programs(x.device.type, x.device.index)))
     programs = triton.cdiv(num_blocks, per_program)
@@ -243,7 +243,7 @@ def layer_norm_backward(
     db_partial = torch.empty((programs, C) if has_b else (0,), dtype=torch.float32, device=x.device)
     if n_rows:
         dx2 = dx.view(n_rows, C)
-        _ln_bwd_kernel[(programs,)](
+        ln_bwd_kernel[(programs,)](
             dy2,
             x2,
             x2 if weight is None else weight.contiguous(),

@@ -70,9 +70,7 @@ def test_opcheck_and_gradcheck(case):
 
 def test_fake_matches_real_dtype_and_shape_under_compile():
     x, pos, cls, reg, nec = make(CASES[0])
-    compiled = torch.compile(
-        lambda *a: regkern.embed_tokens(*a, no_embed_class=nec), fullgraph=True, backend="aot_eager"
-    )
+    compiled = torch.compile(lambda *a: embed_tokens_op(*a, nec, "reference"), fullgraph=True, backend="aot_eager")
     got = compiled(x.half(), pos, cls.half(), reg.half())
     want = reference.embed_tokens(x.half(), pos, cls.half(), reg.half(), no_embed_class=nec)
     assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
@@ -86,3 +84,29 @@ def test_dispatch_auto_and_errors():
         regkern.embed_tokens(x, pos, cls, reg, backend="triton")
     with pytest.raises(ValueError, match="impl: expected one of"):
         embed_tokens_op(x, pos, cls, reg, nec, "triton")
+
+
+@pytest.mark.parametrize("pos_batch, x_batch", [(2, 2), (2, 1), (1, 3)], ids=["pos2-x2", "pos2-x1", "pos1-x3"])
+def test_broadcast_inputs_get_summed_gradients(pos_batch, x_batch):
+    """A position embedding with a batch dimension broadcasts against x (as in the reference): the op's fake gives
+    the broadcast shape and its backward sums each gradient back to its input's shape."""
+    g = torch.Generator().manual_seed(pos_batch * 10 + x_batch)
+    x = torch.randn(x_batch, 4, 8, generator=g, dtype=torch.float64).requires_grad_()
+    pos = torch.randn(pos_batch, 9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    cls = torch.randn(1, 1, 8, generator=g, dtype=torch.float64).requires_grad_()
+    reg = torch.randn(1, 4, 8, generator=g, dtype=torch.float64).requires_grad_()
+    assert embed_tokens_op(x, pos, cls, reg, False, "reference").shape == (max(pos_batch, x_batch), 9, 8)
+    torch.library.opcheck(embed_tokens_op, (x, pos, cls, reg, False, "reference"))
+    assert torch.autograd.gradcheck(lambda *a: embed_tokens_op(*a, False, "reference"), (x, pos, cls, reg))
+
+
+def test_reference_backend_keeps_plain_pytorch_autograd_and_torch_func():
+    """backend="reference" runs the reference's own PyTorch ops (no custom op), so torch.func transforms work."""
+    x, pos, cls, reg, nec = make(CASES[0], dtype=torch.float64)
+    detached = [t.detach() for t in (x, pos, cls, reg)]
+
+    def f(x_):
+        return regkern.embed_tokens(x_, *detached[1:], no_embed_class=nec, backend="reference").square().sum()
+
+    grad = torch.func.grad(f)(detached[0])
+    torch.testing.assert_close(grad, torch.autograd.grad(f(x), x)[0])
