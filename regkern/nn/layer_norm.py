@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..ops.layer_norm import check_layer_norm_backend_name, choose_layer_norm_backend, layer_norm_fwd
+from ..ops.layer_norm import DISPATCHER, check_layer_norm_backend_name, layer_norm_fwd, layer_norm_request
 
 __all__ = ["MonitoredLayerNorm"]
 
@@ -101,18 +101,12 @@ class MonitoredLayerNorm(nn.LayerNorm):
         self._choose_backend()
 
     def _choose_backend(self) -> None:
+        """The one place the backend is chosen (construction, ``.to()``, ``set_backend``)."""
         p = self.weight if self.weight is not None else self.bias
         device = p.device if p is not None else self._default_device
         dtype = p.dtype if p is not None else self._default_dtype
-        try:
-            self._impl, self._backend_reason = choose_layer_norm_backend(
-                self.requested_backend, device.type, dtype, self.normalized_shape[0], device=device
-            )
-            self._unavailable = ""
-        except ValueError as err:
-            self._impl = None
-            self._unavailable = str(err)
-            self._backend_reason = f"unavailable: {err}"
+        request = layer_norm_request(device.type, dtype, self.normalized_shape[0], device)
+        self._backend_choice = DISPATCHER.resolve_or_unavailable(self.requested_backend, request)
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -128,24 +122,22 @@ class MonitoredLayerNorm(nn.LayerNorm):
 
     @property
     def backend_name(self) -> str:
-        """Name of the backend this module runs ("triton", "reference", or "<name> (unavailable)")."""
-        if self._impl is None:
-            return f"{self.requested_backend} (unavailable)"
-        return self._impl
+        """Name of the backend this module runs ("triton", "cuda", "reference", or "<name> (unavailable)")."""
+        return self._backend_choice.name
 
     @property
     def backend_reason(self) -> str:
         """Why this backend was chosen, in words."""
-        return self._backend_reason
+        return self._backend_choice.reason
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._impl is None:
-            raise RuntimeError(self._unavailable)
+        if not self._backend_choice.available:
+            raise RuntimeError(self._backend_choice.backend.message)
         if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
             raise ValueError(
                 f"x: expected a last dim of {self.normalized_shape[0]} (normalized_shape), got shape {tuple(x.shape)}"
             )
-        y, norms, _, _ = layer_norm_fwd(x, self.weight, self.bias, float(self.eps), self._impl)
+        y, norms, _, _ = layer_norm_fwd(x, self.weight, self.bias, float(self.eps), self._backend_choice.name)
         if self.norm_sink is not None:
             self.norm_sink(norms)
         return y

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from types import ModuleType
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +35,7 @@ __all__ = [
     "UnavailableBackend",
     "device_capability",
     "dtype_name",
+    "kernels_problem",
 ]
 
 
@@ -55,6 +57,18 @@ def cuda_capability(index: int) -> tuple[int, int]:
     """(major, minor) of CUDA device ``index``."""
     major, minor = torch.cuda.get_device_capability(index)
     return int(major), int(minor)
+
+
+def kernels_problem(load_kernels: Callable[[], ModuleType], device_type: str) -> str:
+    """Why an op's Triton kernels (the module ``load_kernels()`` imports) cannot run on ``device_type``, "" when
+    they can as far as the device goes: triton missing or broken, or CPU tensors without the interpreter."""
+    try:
+        module = load_kernels()
+    except ImportError as err:  # triton missing or broken
+        return f"triton cannot be imported ({err})"
+    if device_type == "cpu" and not module.INTERPRETED:
+        return "CPU tensors need TRITON_INTERPRET=1 set before regkern's Triton kernels are imported"
+    return ""
 
 
 class Backend:

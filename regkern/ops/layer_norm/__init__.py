@@ -13,6 +13,7 @@ from .backends import (
     check_layer_norm_backend_name,
     choose_layer_norm_backend,
     layer_norm_not_supported_reasons,
+    layer_norm_request,
     resolve_layer_norm_backend,
 )
 from .function import layer_norm_with_norms
@@ -26,6 +27,7 @@ __all__ = [
     "check_layer_norm_backend_name",
     "choose_layer_norm_backend",
     "resolve_layer_norm_backend",
+    "layer_norm_request",
     "layer_norm_not_supported_reasons",
     "BACKEND_NAMES",
     "DISPATCHER",

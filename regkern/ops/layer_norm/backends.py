@@ -21,6 +21,7 @@ from .op import IMPLS, KERNEL_DTYPES, X_DTYPES, triton_kernels, triton_problem
 
 __all__ = [
     "LayerNormRequest",
+    "layer_norm_request",
     "DISPATCHER",
     "BACKEND_NAMES",
     "layer_norm_not_supported_reasons",
@@ -121,7 +122,11 @@ DISPATCHER = Dispatcher(
 BACKEND_NAMES = DISPATCHER.names
 
 
-def _request(device_type: str, dtype: torch.dtype, C: int, device: Optional[torch.device]) -> LayerNormRequest:
+def layer_norm_request(
+    device_type: str, dtype: torch.dtype, C: int, device: Optional[torch.device] = None
+) -> LayerNormRequest:
+    """The request of LayerNorm over rows of C elements (``device``: the CUDA device whose capability keys the
+    measured table; default the current one)."""
     capability = None
     if device_type == "cuda":  # queried when choosing, never at import
         capability = device_capability(torch.device("cuda") if device is None else device)
@@ -148,7 +153,7 @@ def resolve_layer_norm_backend(
 
     ``device``: the CUDA device whose capability keys the measured table (default: the current one). An explicitly
     named backend must be able to run, else ValueError naming ``backend`` and why."""
-    return DISPATCHER.resolve(backend, _request(device_type, dtype, C, device))
+    return DISPATCHER.resolve(backend, layer_norm_request(device_type, dtype, C, device))
 
 
 def choose_layer_norm_backend(

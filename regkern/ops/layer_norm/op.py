@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ... import reference
+from ..dispatch import kernels_problem
 from . import cuda
 
 __all__ = [
@@ -55,13 +56,7 @@ def triton_kernels():
 
 def triton_problem(device_type: str) -> str:
     """Why the Triton kernels cannot run on ``device_type`` ("" when they can, as far as the device goes)."""
-    try:
-        module = triton_kernels()
-    except ImportError as err:  # triton missing or broken
-        return f"triton cannot be imported ({err})"
-    if device_type == "cpu" and not module.INTERPRETED:
-        return "CPU tensors need TRITON_INTERPRET=1 set before regkern's Triton kernels are imported"
-    return ""
+    return kernels_problem(triton_kernels, device_type)
 
 
 def _check_impl(impl: str) -> None:
