@@ -16,7 +16,7 @@ PACKAGE = ROOT / "regkern"
 SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if "csrc" not in p.parts)
 
 #: third-party packages the library imports only inside functions, each with a "lazy import" comment
-LAZY_OK = ("timm", "PIL", "matplotlib", "pytest", "safetensors", "tqdm", "torch.utils")
+LAZY_OK = ("timm", "PIL", "matplotlib", "pytest", "safetensors", "tqdm", "torch.utils", "triton")
 
 #: what ``regkern`` exported before the package was layered (issue 11): every name must still be there
 EXPORTED_BEFORE = [

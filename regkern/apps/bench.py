@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from .bench_results import bench_cases
 from .dispatch_table_writer import entries_from_bench, write_table
 from .plotting import pyplot
+from .static_report import add_static_arguments, run_static
 from .targets import evaluate_targets
 
 __all__ = ["add_bench_arguments", "run_bench", "summarize", "cuda_vs_triton", "format_markdown", "PEERS"]
@@ -47,6 +48,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="also write the triton-vs-cuda dispatch table measured by this run to PATH "
         "(regkern/ops/dispatch_table.json is the one backend='auto' reads)",
     )
+    add_static_arguments(p)
 
 
 def _locate_suite(given: Optional[Path]) -> Path:
@@ -222,6 +224,8 @@ def plot_speedups(summary: dict[str, object], path: Path) -> None:
 
 
 def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, object]:
+    if getattr(args, "static", False):
+        return {"static": run_static(args.out, args.arch, out)}
     # lazy import of pytest: an optional dependency (the "test" extra), needed by this command only
     import pytest
 

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-__all__ = ["bench_cases"]
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["bench_cases", "git_commit"]
+
+
+def git_commit() -> Optional[str]:
+    """The short commit of the checkout regkern runs from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def bench_cases(results: dict) -> list[dict]:

@@ -1,0 +1,64 @@
+"""regkern bench --static: launches recorded from the launchers' own code path, compiled without a GPU with Triton's
+run-time specialization, and the SASS summary."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regkern.apps.static_report import sass_summary
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0030*/                   MUFU.EX2 R3, R3 ;
+        /*0040*/                   FFMA R4, R3, R5, R6 ;
+        /*0050*/                   IADD3 R7, R7, 0x40, RZ ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R7, R8, PT ;
+        /*0070*/               @!P0 BRA 0x20 ;
+        /*0080*/                   LDG.E R9, desc[UR4][R10.64] ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+        /*00b0*/                   NOP;
+"""
+
+
+def test_sass_summary_counts_inner_loops_and_the_mma_kind():
+    summary = sass_summary(SASS)
+    assert summary["mma_kind"] == "wgmma"
+    assert summary["counts"]["total"] == 11 and summary["counts"]["global_load"] == 1
+    (loop,) = summary["inner_loops"]  # the BRA to itself after EXIT is not a loop
+    assert (loop["start"], loop["end"]) == ("0x20", "0x70")
+    assert (loop["total"], loop["mma"], loop["ex2"], loop["fp32"], loop["integer"]) == (6, 1, 1, 1, 2)
+    assert sass_summary(SASS.replace("HGMMA.64x64x16.F32.BF16", "HMMA.16816.F32.BF16"))["mma_kind"] == "mma.sync"
+
+
+@pytest.mark.slow
+def test_static_report_compiles_the_launched_kernels_with_the_run_time_specialization(tmp_path):
+    code = (
+        "import json, sys\n"
+        "from regkern.apps.static_report import SHAPES, static_report\n"
+        "records = static_report((90,), shapes=SHAPES[1:2], progress=lambda s: None)\n"
+        "json.dump(records, sys.stdout)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    records = json.loads(out.stdout)
+    forward = next(r for r in records if r["variant"] == "forward" and r["kernel"] == "attn_fwd_kernel")
+    # the launcher's configuration for ViT-B/14-reg4 at 224 px, bf16, and the run-time aligned specialization
+    assert forward["blocks"] == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 16, "BLOCK_D": 64}
+    assert forward["num_warps"] == 4 and forward["arch"] == "sm_90" and forward["mma_kind"] == "wgmma"
+    assert forward["registers"] > 0 and forward["shared_bytes"] > 32 * 1024 and forward["blocks_per_sm"] >= 1
+    (score_loop,) = [lp for lp in forward["inner_loops"] if lp["per_score"]]
+    assert 0.05 < score_loop["per_score"] < 2.0
+    variants = {(r["variant"], r["kernel"]) for r in records}
+    assert ("backward", "attn_bwd_dq_kernel") in variants and ("forward+received", "attn_received_kernel") in variants
+    assert any(r["kernel"] == "ln_fwd_kernel" for r in records)
