@@ -36,6 +36,8 @@ from ..ops.layer_norm.op import triton_kernels as layer_norm_kernels
 from .bench_results import git_commit
 
 __all__ = [
+    "Specialization",
+    "specialize",
     "SHAPES",
     "Launch",
     "capture_launches",
@@ -184,12 +186,29 @@ def _resource_usage(cubin_path: str) -> dict[str, int]:
     return usage
 
 
-def compile_launch(launch: Launch, arch: int) -> dict[str, object]:
-    """Compile one recorded launch for ``sm_<arch>`` as Triton's launcher would, and summarise its machine code."""
+@dataclass
+class Specialization:
+    """What Triton's launcher derives from one launch for a target: the bound arguments, signature, constexprs,
+    alignment/divisibility attributes and options. ``key`` identifies the compiled kernel (as Triton's cache does)."""
+
+    target: object
+    bound: dict
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: object
+
+    @property
+    def key(self) -> str:
+        return repr((self.target, self.signature, self.constexprs, self.attrs, self.options))
+
+
+def specialize(launch: Launch, arch: int) -> Specialization:
+    """Apply Triton's own binder to a recorded launch for ``sm_<arch>`` (what ``JITFunction.run`` does before it
+    compiles)."""
     # lazy import of triton: see capture_launches
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     fn = launch.kernel
@@ -198,7 +217,20 @@ def compile_launch(launch: Launch, arch: int) -> dict[str, object]:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return Specialization(target, bound, signature, constexprs, attrs, options)
+
+
+def compile_launch(launch: Launch, arch: int, spec: Optional[Specialization] = None) -> dict[str, object]:
+    """Compile one recorded launch for ``sm_<arch>`` as Triton's launcher would, and summarise its machine code."""
+    # lazy import of triton: see capture_launches
+    import triton
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    spec = spec or specialize(launch, arch)
+    bound = spec.bound
+    source = ASTSource(fn, spec.signature, spec.constexprs, spec.attrs)
+    kernel = triton.compile(source, target=spec.target, options=spec.options.__dict__)
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
         Path(cubin).write_bytes(kernel.asm["cubin"])
@@ -315,17 +347,10 @@ def static_report(
         for launch in capture_launches(case.launcher):
             launch.variant, launch.shape, launch.dtype = case.variant, case.shape, case.dtype
             for arch in archs:
-                key = (
-                    arch,
-                    launch.kernel.__name__,
-                    repr(sorted(launch.kwargs.items())),
-                    tuple(
-                        type(a).__name__ if isinstance(a, _TensorArg) else a % 16 == 0 if isinstance(a, int) else a
-                        for a in launch.args
-                    ),
-                )
+                spec = specialize(launch, arch)
+                key = (launch.kernel.__name__, spec.key)
                 if key not in cache:
-                    cache[key] = compile_launch(launch, arch)
+                    cache[key] = compile_launch(launch, arch, spec)
                     progress(f"compiled sm_{arch} {launch.kernel.__name__} ({case.variant}, {case.shape})")
                 record = dict(cache[key], variant=case.variant, shape=case.shape, grid=list(launch.grid))
                 records.append(record)

@@ -62,3 +62,22 @@ def test_static_report_compiles_the_launched_kernels_with_the_run_time_specializ
     variants = {(r["variant"], r["kernel"]) for r in records}
     assert ("backward", "attn_bwd_dq_kernel") in variants and ("forward+received", "attn_received_kernel") in variants
     assert any(r["kernel"] == "ln_fwd_kernel" for r in records)
+
+
+def test_launches_with_different_run_time_specializations_are_compiled_apart():
+    """Two shapes whose launches differ only in which integers are divisible by 16 (H = 16 vs 24, N = 197 vs 1374)
+    get different Triton specializations, so the report compiles (and reports) them separately. (A subprocess: the
+    test session runs the kernels under the interpreter, which records no launches.)"""
+    code = (
+        "import torch\n"
+        "from regkern.apps.static_report import SHAPES, _attention_cases, capture_launches, specialize\n"
+        "for name, B, N, H, d, P in SHAPES[:4]:\n"
+        "    (case,) = [c for c in _attention_cases(name, B, N, H, d, P, torch.bfloat16) if c.variant == 'forward']\n"
+        "    (launch,) = capture_launches(case.launcher)\n"
+        "    print(name, hash(specialize(launch, 90).key))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = dict(line.split() for line in out.stdout.splitlines())
+    assert len(keys) == 4 and keys["vitl14reg4-518"] != keys["vitg14reg4-518"] != keys["vits16-224"]
