@@ -1,6 +1,7 @@
 """regkern bench --static: launches recorded from the launchers' own code path, compiled without a GPU with Triton's
 run-time specialization, and the SASS summary."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,17 @@ def test_sass_summary_counts_inner_loops_and_the_mma_kind():
     assert sass_summary(SASS.replace("HGMMA.64x64x16.F32.BF16", "HMMA.16816.F32.BF16"))["mma_kind"] == "mma.sync"
 
 
+def run_compiled(code: str, timeout: int) -> str:
+    """stdout of ``code`` in a Python without TRITON_INTERPRET (this test session runs the kernels under the
+    interpreter, whose kernels record no launches and compile nothing)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.mark.slow
 def test_static_report_compiles_the_launched_kernels_with_the_run_time_specialization(tmp_path):
     code = (
@@ -46,12 +58,7 @@ def test_static_report_compiles_the_launched_kernels_with_the_run_time_specializ
         "records = static_report((90,), shapes=SHAPES[1:2], progress=lambda s: None)\n"
         "json.dump(records, sys.stdout)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
-    records = json.loads(out.stdout)
+    records = json.loads(run_compiled(code, timeout=900))
     forward = next(r for r in records if r["variant"] == "forward" and r["kernel"] == "attn_fwd_kernel")
     # the launcher's configuration for ViT-B/14-reg4 at 224 px, bf16, and the run-time aligned specialization
     assert forward["blocks"] == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 16, "BLOCK_D": 64}
@@ -66,8 +73,7 @@ def test_static_report_compiles_the_launched_kernels_with_the_run_time_specializ
 
 def test_launches_with_different_run_time_specializations_are_compiled_apart():
     """Two shapes whose launches differ only in which integers are divisible by 16 (H = 16 vs 24, N = 197 vs 1374)
-    get different Triton specializations, so the report compiles (and reports) them separately. (A subprocess: the
-    test session runs the kernels under the interpreter, which records no launches.)"""
+    get different Triton specializations, so the report compiles (and reports) them separately."""
     code = (
         "import torch\n"
         "from regkern.apps.static_report import SHAPES, _attention_cases, capture_launches, specialize\n"
@@ -76,8 +82,5 @@ def test_launches_with_different_run_time_specializations_are_compiled_apart():
         "    (launch,) = capture_launches(case.launcher)\n"
         "    print(name, hash(specialize(launch, 90).key))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    keys = dict(line.split() for line in out.stdout.splitlines())
+    keys = dict(line.split() for line in run_compiled(code, timeout=300).splitlines())
     assert len(keys) == 4 and keys["vitl14reg4-518"] != keys["vitg14reg4-518"] != keys["vits16-224"]
