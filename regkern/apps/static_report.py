@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..ops.attention.configs import compile_target
 from ..ops.attention.op import triton_kernels as attention_kernels
 from ..ops.layer_norm.op import triton_kernels as layer_norm_kernels
 from .bench_results import git_commit
@@ -43,6 +44,8 @@ __all__ = [
     "capture_launches",
     "compile_launch",
     "static_report",
+    "issued_per_head",
+    "issued_per_call",
     "format_static_markdown",
     "add_static_arguments",
     "run_static",
@@ -340,21 +343,55 @@ def static_report(
     progress: Callable[[str], None] = print,
 ) -> list[dict]:
     """One record per compiled kernel launch (see the module docstring); duplicates (the same kernel, constexprs
-    and options at two shapes) are compiled once and reported per shape."""
+    and options at two shapes) are compiled once and reported per shape. Each launch's configuration is the one the
+    launcher picks for that architecture (``configs.compile_target``)."""
+    heads = {name: (B, H) for name, B, _, H, *_ in shapes}
     cases = [c for shape in shapes for c in _attention_cases(*shape, dtype)] + _layer_norm_cases(dtype)
     records, cache = [], {}
-    for case in cases:
-        for launch in capture_launches(case.launcher):
-            launch.variant, launch.shape, launch.dtype = case.variant, case.shape, case.dtype
-            for arch in archs:
+    for arch in archs:
+        for case in cases:
+            with compile_target(arch):
+                launches = capture_launches(case.launcher)
+            for launch in launches:
+                launch.variant, launch.shape, launch.dtype = case.variant, case.shape, case.dtype
                 spec = specialize(launch, arch)
                 key = (launch.kernel.__name__, spec.key)
                 if key not in cache:
                     cache[key] = compile_launch(launch, arch, spec)
                     progress(f"compiled sm_{arch} {launch.kernel.__name__} ({case.variant}, {case.shape})")
                 record = dict(cache[key], variant=case.variant, shape=case.shape, grid=list(launch.grid))
+                if case.shape in heads:
+                    B, H = heads[case.shape]
+                    trips = attention_kernels().loop_trip_counts(launch.kernel.__name__, spec.bound)
+                    record.update(issued_per_head(record, trips, launch.grid[0] // (B * H)))
                 records.append(record)
     return records
+
+
+def issued_per_head(record: dict, trips: Sequence[int], programs: int) -> dict:
+    """Issued warp-instructions per (batch, head) of one launch: (instructions outside loops + sum over loops of trip
+    count x loop body) x warps x programs per (batch, head). Everything outside the loops counts once per program
+    (code a program skips included), so the figure is an upper bound on straight-line code."""
+    loops = record["inner_loops"]
+    if len(loops) != len(trips):
+        return {"trips": list(trips), "programs_per_head": programs, "issued_per_head": None}
+    inside = sum(loop["total"] for loop in loops)
+    per_program = record["counts"]["total"] - inside + sum(t * loop["total"] for t, loop in zip(trips, loops))
+    return {
+        "trips": list(trips),
+        "programs_per_head": programs,
+        "issued_per_head": per_program * record["num_warps"] * programs,
+    }
+
+
+def issued_per_call(records: Sequence[dict]) -> dict[tuple[str, str, str], int]:
+    """(arch, shape, variant) -> issued warp-instructions per (batch, head) summed over the call's launches."""
+    totals: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if r.get("issued_per_head") is not None:
+            key = (r["arch"], r["shape"], r["variant"])
+            totals[key] = totals.get(key, 0) + r["issued_per_head"]
+    return totals
 
 
 def format_static_markdown(records: Sequence[dict], environment: dict) -> str:
@@ -367,13 +404,33 @@ def format_static_markdown(records: Sequence[dict], environment: dict) -> str:
         "Static figures (registers, spills, shared memory, SASS counts), not speed.",
         "",
     ]
+    totals = issued_per_call(records)
     for arch in sorted({r["arch"] for r in records}):
+        shapes = list(dict.fromkeys(s for a, s, _ in totals if a == arch))
+        variants = list(dict.fromkeys(v for a, _, v in totals if a == arch))
+        if shapes:
+            lines += [
+                f"## {arch}: issued warp-instructions per (batch, head), whole call (ratio to the plain forward)",
+                "",
+                "| shape | " + " | ".join(variants) + " |",
+                "| --- |" + " ---: |" * len(variants),
+            ]
+            for shape in shapes:
+                plain = totals.get((arch, shape, "forward"))
+                cells = []
+                for variant in variants:
+                    value = totals.get((arch, shape, variant))
+                    ratio = f" ({value / plain:.2f}x)" if value and plain and variant != "forward" else ""
+                    cells.append("" if value is None else f"{value:,}{ratio}")
+                lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+            lines.append("")
         lines += [
             f"## {arch}",
             "",
             "| shape | variant | kernel | blocks | warps | stages | regs | stack B | shared B | blocks/SM | MMA "
-            "| SASS total | inner loops: total (MMA, EX2, FP32, int), warp-instructions per score |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+            "| SASS total | inner loops: total (MMA, EX2, FP32, int), warp-instructions per score "
+            "| programs x trips | issued per (b, h) |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: |",
         ]
         for r in (r for r in records if r["arch"] == arch):
             loops = "; ".join(
@@ -385,7 +442,8 @@ def format_static_markdown(records: Sequence[dict], environment: dict) -> str:
             lines.append(
                 f"| {r['shape']} | {r['variant']} | {r['kernel']} | {blocks} | {r['num_warps']} | "
                 f"{r['num_stages']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
-                f"{r['blocks_per_sm']} | {r['mma_kind']} | {r['counts']['total']} | {loops} |"
+                f"{r['blocks_per_sm']} | {r['mma_kind']} | {r['counts']['total']} | {loops} | "
+                f"{r.get('programs_per_head', '')} x {r.get('trips', '')} | {r.get('issued_per_head') or ''} |"
             )
         lines.append("")
     return "\n".join(lines)

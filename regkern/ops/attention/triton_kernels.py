@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import TileConfig, tile_config
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -146,15 +148,132 @@ def _store_prefix_scores(PS, pid_bh, offs_m, cols, s, P, num_keys, row_ok, col_o
 
 
 @triton.jit
-def _online_softmax_step(s, m_i, l_i, acc, v, valid_cols):
-    # s: (BLOCK_M, BLOCK_*) scores already in log2 units; invalid columns get -inf
-    s = tl.where(valid_cols[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _tile_offsets(rows, row_stride, offs_d):
+    # [len(rows), BLOCK_D] element offsets of a strided (rows, d) matrix
+    return rows[:, None] * row_stride + offs_d[None, :]
+
+
+@triton.jit
+def _kv_tile_ptrs(base, start, row_stride, hoisted, offs_n, offs_d, BLOCK_D: tl.constexpr):
+    # [rows, BLOCK_D] pointers of the rows from `start` (keys, values; queries in the key-major passes): the scalar
+    # row offset first, then the offsets
+    # hoisted out of the loop (at d <= 64); at d = 128 the hoisted tile would hold registers that then spill
+    if BLOCK_D <= 64:
+        return (base + start * row_stride) + hoisted
+    else:
+        return base + _tile_offsets(offs_n, row_stride, offs_d)
+
+
+@triton.jit
+def _load_tile(ptrs, row_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    # masks only what can be out of range: rows of a ragged tile, columns when d is not a power of two
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    # s: [BLOCK_M, BLOCK_*] raw scores, masked columns -inf. The scale rides in the exp2 argument (one FFMA per
+    # score) and the max is taken before scaling (qk_scale_log2 > 0)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale_log2)
+    p = tl.exp2(s * qk_scale_log2 - m_new[:, None])  # [BLOCK_M, BLOCK_*]
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_patch_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_base,
+    v_base,
+    kv_offs_k,
+    kv_offs_v,
+    start,
+    N,
+    R,
+    P,
+    stride_kn,
+    stride_vn,
+    offs_d,
+    qk_scale_log2,
+    KNW,
+    KNB,
+    norm_eps,
+    rope_base,
+    stride_ropem,
+    PREFIX_S,
+    pid_bh,
+    offs_m,
+    prefix_ok,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr,
+    STAT_PREFIX: tl.constexpr,
+):
+    # one BLOCK_N tile of patch keys from `start`; MASK only for the ragged last tile
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if QK_NORM or USE_ROPE:
+        k = _load_qk(
+            k_base,
+            offs_n,
+            stride_kn,
+            offs_d,
+            n_mask,
+            offs_d < HEAD_DIM,
+            HEAD_DIM,
+            KNW,
+            KNB,
+            norm_eps,
+            rope_base,
+            stride_ropem,
+            P,
+            QK_NORM,
+            USE_ROPE,
+            ROTATE_HALF,
+        )
+    else:
+        k = _load_tile(
+            _kv_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
+            n_mask,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_D,
+            MASK,
+        )
+    v = _load_tile(
+        _kv_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
+        n_mask,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        MASK,
+    )
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if MASK:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    if STAT_PREFIX:
+        _store_prefix_scores(PREFIX_S, pid_bh, offs_m, R + offs_n, s * qk_scale_log2, P, R + N, prefix_ok, n_mask)
+    return _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION)
 
 
 @triton.jit
@@ -195,14 +314,17 @@ def attn_fwd_kernel(
     N,
     R,
     P,
-    HEAD_DIM,
+    first_row,
+    tiles,
     qk_scale_log2,
     norm_eps,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_SMALL: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QK_NORM: tl.constexpr,
     USE_ROPE: tl.constexpr,
@@ -210,46 +332,51 @@ def attn_fwd_kernel(
     STAT_OUT_SQ: tl.constexpr,
     STAT_PREFIX: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # This launch covers `tiles` query tiles from row first_row. The prefix queries, which record their attention
+    # rows (STAT_PREFIX), get a small launch of their own, so that the other tiles carry none of that code.
+    pid_m, pid_bh, b, h = _program_coords(tiles, H)
+    offs_m = first_row + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < N
-    # only tiles holding prefix queries (CLS, registers) record their attention rows
-    prefix_tile = pid_m * BLOCK_M < P
     prefix_ok = (offs_m < P) & m_mask
 
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
     rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
-    q = _load_qk(
-        Q + b * stride_qb + h * stride_qh,
-        offs_m,
-        stride_qn,
-        offs_d,
-        m_mask,
-        d_mask,
-        HEAD_DIM,
-        QNW,
-        QNB,
-        norm_eps,
-        rope_base,
-        stride_ropem,
-        P,
-        QK_NORM,
-        USE_ROPE,
-        ROTATE_HALF,
-    )
+    if QK_NORM or USE_ROPE:
+        q = _load_qk(
+            q_base,
+            offs_m,
+            stride_qn,
+            offs_d,
+            m_mask,
+            d_mask,
+            HEAD_DIM,
+            QNW,
+            QNB,
+            norm_eps,
+            rope_base,
+            stride_ropem,
+            P,
+            QK_NORM,
+            USE_ROPE,
+            ROTATE_HALF,
+        )
+    else:
+        q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
 
     if HAS_SMALL:
         offs_s = tl.arange(0, BLOCK_S)
-        k_base = b * stride_kb + h * stride_kh
-        v_base = b * stride_vb + h * stride_vh
+        small_ok = offs_s < R + P
         ks = _load_small_segment_keys(
             K,
             RK,
-            k_base,
+            b * stride_kb + h * stride_kh,
             b * stride_rkb + h * stride_rkh,
             stride_kn,
             stride_rkr,
@@ -265,45 +392,45 @@ def attn_fwd_kernel(
             QK_NORM,
         )
         vs = _load_small_segment(
-            V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_s, offs_d, d_mask, R, P
-        )
-        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
-        if STAT_PREFIX:
-            if prefix_tile:
-                _store_prefix_scores(PREFIX_S, pid_bh, offs_m, offs_s, s_small, P, R + N, prefix_ok, offs_s < R + P)
-        m_i, l_i, acc = _online_softmax_step(s_small, m_i, l_i, acc, vs, offs_s < R + P)
-
-    k_ptr = K + b * stride_kb + h * stride_kh
-    v_ptr = V + b * stride_vb + h * stride_vh
-    for start in range(P, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        k = _load_qk(
-            k_ptr,
-            offs_n,
-            stride_kn,
+            V,
+            RV,
+            b * stride_vb + h * stride_vh,
+            b * stride_rvb + h * stride_rvh,
+            stride_vn,
+            stride_rvr,
+            offs_s,
             offs_d,
-            n_mask,
             d_mask,
-            HEAD_DIM,
-            KNW,
-            KNB,
-            norm_eps,
-            rope_base,
-            stride_ropem,
+            R,
             P,
-            QK_NORM,
-            USE_ROPE,
-            ROTATE_HALF,
         )
-        v = _load_rows(v_ptr, offs_n, stride_vn, offs_d, n_mask, d_mask)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_S]
+        s_small = tl.where(small_ok[None, :], s_small, float("-inf"))
         if STAT_PREFIX:
-            if prefix_tile:
-                _store_prefix_scores(PREFIX_S, pid_bh, offs_m, R + offs_n, s, P, R + N, prefix_ok, n_mask)
-        m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, n_mask)
+            _store_prefix_scores(
+                PREFIX_S, pid_bh, offs_m, offs_s, s_small * qk_scale_log2, P, R + N, prefix_ok, small_ok
+            )
+        m_i, l_i, acc = _softmax_update(s_small, m_i, l_i, acc, vs, qk_scale_log2, DOT_PRECISION)
 
-    acc = acc / l_i[:, None]
+    # patch keys: whole tiles unmasked, then the ragged last tile (HAS_TAIL) masked
+    kv_rows = tl.arange(0, BLOCK_N)
+    kv_offs_k = _tile_offsets(kv_rows, stride_kn, offs_d)  # [BLOCK_N, BLOCK_D], hoisted out of the loop
+    kv_offs_v = _tile_offsets(kv_rows, stride_vn, offs_d)
+    end_full = P + ((N - P) // BLOCK_N) * BLOCK_N
+    for start in range(P, end_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_patch_tile(
+            q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, start, N, R, P, stride_kn, stride_vn, offs_d,
+            qk_scale_log2, KNW, KNB, norm_eps, rope_base, stride_ropem, PREFIX_S, pid_bh, offs_m, prefix_ok,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF, STAT_PREFIX,
+        )  # fmt: skip
+    if HAS_TAIL:
+        m_i, l_i, acc = _fwd_patch_tile(
+            q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, end_full, N, R, P, stride_kn, stride_vn, offs_d,
+            qk_scale_log2, KNW, KNB, norm_eps, rope_base, stride_ropem, PREFIX_S, pid_bh, offs_m, prefix_ok,
+            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF, STAT_PREFIX,
+        )  # fmt: skip
+
+    acc = acc * (1.0 / l_i)[:, None]
     if STAT_OUT_SQ:  # this head's share of ||out[b, n]||^2, from the float32 accumulator
         tl.store(OUT_SQ + pid_bh * N + offs_m, tl.sum(acc * acc, axis=1), mask=m_mask)
     # out is contiguous (B, N, H, d)
@@ -324,6 +451,75 @@ def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr)
         offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
         valid = offs_j < N
     return pid_bh, b, h, offs_j, valid
+
+
+@triton.jit
+def _received_query_tile(
+    k,
+    colsum,
+    q_base,
+    q_offs,
+    start,
+    N,
+    P,
+    stride_qn,
+    offs_d,
+    LSE_BH,
+    qk_scale_log2,
+    QNW,
+    QNB,
+    norm_eps,
+    rope_base,
+    stride_ropem,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr,
+):
+    # the probabilities of ROWS queries from `start` on this program's keys, summed over the queries; the ragged
+    # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets
+    offs_m = start + tl.arange(0, ROWS)
+    m_mask = offs_m < N
+    if QK_NORM or USE_ROPE:
+        q = _load_qk(
+            q_base,
+            offs_m,
+            stride_qn,
+            offs_d,
+            m_mask,
+            offs_d < HEAD_DIM,
+            HEAD_DIM,
+            QNW,
+            QNB,
+            norm_eps,
+            rope_base,
+            stride_ropem,
+            P,
+            QK_NORM,
+            USE_ROPE,
+            ROTATE_HALF,
+        )
+    elif MASK:
+        q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
+    else:
+        q = _load_tile(
+            _kv_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
+            m_mask,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_D,
+            False,
+        )
+    if MASK:  # padded queries get lse = +inf: probability 0
+        lse2 = tl.load(LSE_BH + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+    else:
+        lse2 = tl.load(LSE_BH + offs_m) * 1.4426950408889634
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
+    return colsum + tl.sum(tl.exp2(st * qk_scale_log2 - lse2[None, :]), axis=1)
 
 
 @triton.jit
@@ -354,19 +550,22 @@ def attn_received_kernel(
     N,
     R,
     P,
-    HEAD_DIM,
     qk_scale_log2,
     norm_eps,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KEYS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SMALL_SEGMENT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QK_NORM: tl.constexpr,
     USE_ROPE: tl.constexpr,
     ROTATE_HALF: tl.constexpr,
 ):
     # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
+    # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
     pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -411,35 +610,86 @@ def attn_received_kernel(
             QK_NORM,
             USE_ROPE,
             ROTATE_HALF,
-        )
+        )  # [BLOCK_KEYS, BLOCK_D]
     colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
-    for start in range(0, N, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < N
-        q = _load_qk(
-            q_base,
-            offs_m,
-            stride_qn,
-            offs_d,
-            m_mask,
-            d_mask,
-            HEAD_DIM,
-            QNW,
-            QNB,
-            norm_eps,
-            rope_base,
-            stride_ropem,
-            P,
-            QK_NORM,
-            USE_ROPE,
-            ROTATE_HALF,
-        )
-        lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        pt = tl.where(valid[:, None], tl.exp2(st - lse2[None, :]), 0.0)
-        colsum += tl.sum(pt, axis=1)
+    q_offs = _tile_offsets(tl.arange(0, BLOCK_M), stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
+    lse_bh = LSE + pid_bh * N
+    end_full = (N // BLOCK_M) * BLOCK_M
+    for start in range(0, end_full, BLOCK_M):
+        colsum = _received_query_tile(
+            k, colsum, q_base, q_offs, start, N, P, stride_qn, offs_d, lse_bh, qk_scale_log2, QNW, QNB, norm_eps,
+            rope_base, stride_ropem, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF,
+        )  # fmt: skip
+    if HAS_TAIL:
+        colsum = _received_query_tile(
+            k, colsum, q_base, q_offs, end_full, N, P, stride_qn, offs_d, lse_bh, qk_scale_log2, QNW, QNB, norm_eps,
+            rope_base, stride_ropem, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF,
+        )  # fmt: skip
     tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
+
+
+@triton.jit
+def _dkdv_query_tile(
+    k,
+    v,
+    dk,
+    dv,
+    q_base,
+    do_base,
+    q_offs,
+    do_offs,
+    lse_bh,
+    delta_bh,
+    start,
+    N,
+    stride_qn,
+    stride_don,
+    offs_d,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # the contribution of ROWS queries from `start` to this program's dK, dV (scores transposed: keys x queries).
+    # Whole tiles use the hoisted offsets; the ragged last tile (MASK) is ROWS = the tail rounded up to a power of 2
+    offs_m = start + tl.arange(0, ROWS)
+    m_mask = offs_m < N
+    if MASK:
+        q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_base + _tile_offsets(offs_m, stride_don, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
+    else:
+        q = _load_tile(
+            _kv_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
+            m_mask,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_D,
+            False,
+        )  # [ROWS, BLOCK_D]
+        do = _load_tile(
+            _kv_tile_ptrs(do_base, start, stride_don, do_offs, offs_m, offs_d, BLOCK_D),
+            m_mask,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_D,
+            False,
+        )
+    if MASK:  # padded queries: lse = +inf gives probability 0
+        lse2 = tl.load(lse_bh + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_bh + offs_m, mask=m_mask, other=0.0)
+    else:
+        lse2 = tl.load(lse_bh + offs_m) * 1.4426950408889634
+        delta = tl.load(delta_bh + offs_m)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
+    pt = tl.exp2(st * qk_scale_log2 - lse2[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -478,13 +728,15 @@ def attn_bwd_dkdv_kernel(
     N,
     R,
     P,
-    HEAD_DIM,
     qk_scale_log2,
     scale,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KEYS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SMALL_SEGMENT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # One program owns one key tile (the small segment, or BLOCK_KEYS patch keys) and loops over all queries.
@@ -504,25 +756,27 @@ def attn_bwd_dkdv_kernel(
         k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)
         v = _load_rows(V + v_base, offs_j, stride_vn, offs_d, valid, d_mask)
 
-    dk = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)  # [BLOCK_KEYS, BLOCK_D]
     dv = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    for start in range(0, N, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < N
-        q = _load_rows(q_base, offs_m, stride_qn, offs_d, m_mask, d_mask)
-        do = _load_rows(do_base, offs_m, stride_don, offs_d, m_mask, d_mask)
-        lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_mask, other=0.0)
-        # transposed scores: (keys, queries)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        pt = tl.exp2(st - lse2[None, :])
-        pt = tl.where(valid[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    rows = tl.arange(0, BLOCK_M)
+    q_offs = _tile_offsets(rows, stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
+    do_offs = _tile_offsets(rows, stride_don, offs_d)
+    lse_bh = LSE + pid_bh * N
+    delta_bh = DELTA + pid_bh * N
+    # Keys past the end are zero rows whose gradients are never stored, so only the ragged last query tile is masked
+    end_full = (N // BLOCK_M) * BLOCK_M
+    for start in range(0, end_full, BLOCK_M):
+        dk, dv = _dkdv_query_tile(
+            k, v, dk, dv, q_base, do_base, q_offs, do_offs, lse_bh, delta_bh, start, N, stride_qn, stride_don, offs_d,
+            qk_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION,
+        )  # fmt: skip
+    if HAS_TAIL:
+        dk, dv = _dkdv_query_tile(
+            k, v, dk, dv, q_base, do_base, q_offs, do_offs, lse_bh, delta_bh, end_full, N, stride_qn, stride_don,
+            offs_d, qk_scale_log2, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION,
+        )  # fmt: skip
     dk = dk * scale
 
     if SMALL_SEGMENT:
@@ -541,6 +795,57 @@ def attn_bwd_dkdv_kernel(
     mask = row_mask[:, None] & d_mask[None, :]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_key_tile(
+    q,
+    do,
+    lse2,
+    delta,
+    dq,
+    k_base,
+    v_base,
+    kv_offs_k,
+    kv_offs_v,
+    start,
+    N,
+    stride_kn,
+    stride_vn,
+    offs_d,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # the contribution of BLOCK_N patch keys from `start` to this program's dQ; MASK only for the ragged last tile
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k = _load_tile(
+        _kv_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
+        n_mask,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        MASK,
+    )  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(
+        _kv_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
+        n_mask,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        MASK,
+    )
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
+    if MASK:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -576,14 +881,15 @@ def attn_bwd_dq_kernel(
     N,
     R,
     P,
-    HEAD_DIM,
     qk_scale_log2,
     scale,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_SMALL: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
@@ -607,22 +913,26 @@ def attn_bwd_dq_kernel(
         vs = _load_small_segment(
             V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_s, offs_d, d_mask, R, P
         )
-        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION) * qk_scale_log2
-        p_small = tl.where((offs_s < R + P)[None, :], tl.exp2(s_small - lse2[:, None]), 0.0)
+        s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_S]
+        p_small = tl.where((offs_s < R + P)[None, :], tl.exp2(s_small * qk_scale_log2 - lse2[:, None]), 0.0)
         dp_small = tl.dot(do, tl.trans(vs), input_precision=DOT_PRECISION)
         ds_small = p_small * (dp_small - delta[:, None])
         dq += tl.dot(ds_small.to(ks.dtype), ks, input_precision=DOT_PRECISION)
 
-    for start in range(P, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        k = _load_rows(K + k_base, offs_n, stride_kn, offs_d, n_mask, d_mask)
-        v = _load_rows(V + v_base, offs_n, stride_vn, offs_d, n_mask, d_mask)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.where(n_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    kv_rows = tl.arange(0, BLOCK_N)
+    kv_offs_k = _tile_offsets(kv_rows, stride_kn, offs_d)  # [BLOCK_N, BLOCK_D], hoisted
+    kv_offs_v = _tile_offsets(kv_rows, stride_vn, offs_d)
+    end_full = P + ((N - P) // BLOCK_N) * BLOCK_N
+    for start in range(P, end_full, BLOCK_N):
+        dq = _dq_key_tile(
+            q, do, lse2, delta, dq, K + k_base, V + v_base, kv_offs_k, kv_offs_v, start, N, stride_kn, stride_vn,
+            offs_d, qk_scale_log2, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
+        )  # fmt: skip
+    if HAS_TAIL:
+        dq = _dq_key_tile(
+            q, do, lse2, delta, dq, K + k_base, V + v_base, kv_offs_k, kv_offs_v, end_full, N, stride_kn, stride_vn,
+            offs_d, qk_scale_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
+        )  # fmt: skip
 
     dq = dq * scale
     ptrs = ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
@@ -639,31 +949,24 @@ def _pow2_at_least(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(x), 1)))
 
 
-def launch_config(N: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Fixed, not autotuned: the interpreter cannot autotune and ViT shapes are few.
-
-    BLOCK_M is 128 unless 64 pads the queries much less (N = 261: 320 rows instead of 384)."""
-    if device_type != "cuda":
-        return 16, 16, 1  # interpreter: small tiles keep CPU tests fast
-    if dtype == torch.float32:  # 4-byte tiles: smaller blocks keep the backward within sm_80's shared memory
-        return (64, 32, 4) if d <= 64 else (32, 32, 4)
-    block_n = 64 if d <= 64 else 32
-    padded = {bm: triton.cdiv(N, bm) * bm for bm in (64, 128)}
-    if padded[128] > 1.1 * padded[64]:
-        return 64, block_n, 4
-    return 128, block_n, 8
-
-
-def forward_stages(prologue: bool) -> int:
-    """Software-pipelining depth of the forward: the fused prologue loads two K tiles and the RoPE table per step,
-    so it pipelines 2 deep to stay within sm_80's shared memory (checked by tests/triton_aot_compile.py)."""
-    return 2 if prologue else 3
+def loop_trip_counts(kernel_name: str, args: dict) -> tuple[int, ...]:
+    """Iterations of each loop of ``kernel_name`` (in source order) for one launch's bound arguments (constexprs
+    included): what ``regkern bench --static`` multiplies the SASS loop bodies by. Peeled ragged tiles are outside
+    the loops."""
+    N, P = int(args["N"]), int(args["P"])
+    if kernel_name == "attn_fwd_kernel":
+        return ((N - P) // int(args["BLOCK_N"]),)
+    if kernel_name == "attn_received_kernel":
+        return (N // int(args["BLOCK_M"]),)
+    if kernel_name == "attn_bwd_dkdv_kernel":
+        return (N // int(args["BLOCK_M"]),)
+    if kernel_name == "attn_bwd_dq_kernel":
+        return ((N - P) // int(args["BLOCK_N"]),)
+    raise ValueError(f"kernel_name: expected one of this module's attention kernels, got {kernel_name!r}")
 
 
-def received_stages(prologue: bool) -> int:
-    """Pipelining depth of the ``received`` pass: with the prologue it reloads and transforms a Q tile (and its
-    rotation partners and RoPE table) per step; one stage keeps that within sm_80's shared memory."""
-    return 1 if prologue else 3
+def _config(role: str, q: torch.Tensor) -> TileConfig:
+    return tile_config(role, q.device, q.dtype, q.shape[-1], q.shape[1])
 
 
 def _registers_view(reg: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -764,10 +1067,10 @@ def attention_forward(
     want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
     out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
     prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
-    BLOCK_M, BLOCK_N, num_warps = launch_config(N, d, q.dtype, q.device.type)
-    grid = (triton.cdiv(N, BLOCK_M) * B * H,)
+    prologue_on = bool(qk_norm) or rope is not None
+    cfg = _config("forward_prologue" if prologue_on else "forward", q)
     prologue = dict(QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half))
-    attn_fwd_kernel[grid](
+    args = (
         q,
         k,
         v,
@@ -798,21 +1101,42 @@ def attention_forward(
         N,
         R,
         P,
-        d,
-        scale * LOG2E,
-        norm_eps,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_S=_pow2_at_least(R + P),
-        BLOCK_D=_pow2_at_least(d),
-        HAS_SMALL=(R + P) > 0,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        **prologue,
-        STAT_OUT_SQ=want_norm,
-        STAT_PREFIX=want_prefix,
-        num_warps=num_warps,
-        num_stages=forward_stages(bool(qk_norm) or rope is not None),
     )
+
+    def options(block_m: int, block_n: int, num_warps: int, num_stages: int, record: bool) -> dict:
+        return dict(
+            HEAD_DIM=d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_S=_pow2_at_least(R + P),
+            BLOCK_D=_pow2_at_least(d),
+            HAS_SMALL=(R + P) > 0,
+            HAS_TAIL=(N - P) % block_n != 0,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            **prologue,
+            STAT_OUT_SQ=want_norm,
+            STAT_PREFIX=record,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+
+    # with prefix_rows, the first rows (the prefix queries, padded to 16) record their scores in a small launch of
+    # their own (64-key tiles keep its stores within registers); the rows from there on carry no store in their loop
+    prefix_rows = min(N, _pow2_at_least(P)) if want_prefix and P else 0
+    if prefix_rows:
+        block_p = _pow2_at_least(prefix_rows)
+        record = options(block_p, min(cfg.block_n, 64), max(2, block_p // 16), min(cfg.num_stages, 2), True)
+        attn_fwd_kernel[(B * H,)](*args, 0, 1, scale * LOG2E, norm_eps, **record)
+    if N > prefix_rows:
+        tiles = triton.cdiv(N - prefix_rows, cfg.block_m)
+        attn_fwd_kernel[(tiles * B * H,)](
+            *args,
+            prefix_rows,
+            tiles,
+            scale * LOG2E,
+            norm_eps,
+            **options(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False),
+        )
     if not stats:
         return out, lse
     results = {}
@@ -845,21 +1169,24 @@ def attention_forward(
             N,
             R,
             P,
-            d,
             scale * LOG2E,
             norm_eps,
         )
+        rcfg = _config("received", q)
         common = dict(
-            BLOCK_M=BLOCK_M,
+            HEAD_DIM=d,
+            BLOCK_M=rcfg.block_m,
             BLOCK_D=_pow2_at_least(d),
+            HAS_TAIL=N % rcfg.block_m != 0,
+            TAIL_ROWS=_pow2_at_least(N % rcfg.block_m),
             DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=num_warps,
-            num_stages=received_stages(bool(qk_norm) or rope is not None),
+            num_warps=rcfg.num_warps,
+            num_stages=rcfg.num_stages,
             **prologue,
         )
         if N > P:
-            attn_received_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
-                *args, BLOCK_KEYS=BLOCK_N, SMALL_SEGMENT=False, **common
+            attn_received_kernel[(triton.cdiv(N - P, rcfg.block_n) * B * H,)](
+                *args, BLOCK_KEYS=rcfg.block_n, SMALL_SEGMENT=False, **common
             )
         if R + P > 0:
             attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
@@ -898,10 +1225,10 @@ def attention_backward(
         drv = torch.empty_like(drk)
     else:
         dq, dk, dv, drk, drv = grad_buffers
-    BLOCK_M, BLOCK_N, num_warps = launch_config(N, d, q.dtype, q.device.type)
+    kv_cfg, q_cfg = _config("backward_dkdv", q), _config("backward_dq", q)
     BLOCK_D = _pow2_at_least(d)
     BLOCK_S = _pow2_at_least(R + P)
-    common = dict(DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps)
+    common = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype))
     strides = (
         q.stride(0),
         q.stride(1),
@@ -918,17 +1245,32 @@ def attention_backward(
         dout.stride(1),
         dout.stride(2),
     )
-    tail = (H, N, R, P, d, scale * LOG2E, scale)
+    tail = (H, N, R, P, scale * LOG2E, scale)
     dkdv_args = (q, k, v, rk, rv, dout, lse, delta, dk, dv, drk, drv) + strides + tail
+    dkdv_options = dict(
+        BLOCK_M=kv_cfg.block_m,
+        HAS_TAIL=N % kv_cfg.block_m != 0,
+        TAIL_ROWS=_pow2_at_least(N % kv_cfg.block_m),
+        num_warps=kv_cfg.num_warps,
+        num_stages=kv_cfg.num_stages,
+        **common,
+    )
     if N > P:
-        attn_bwd_dkdv_kernel[(triton.cdiv(N - P, BLOCK_N) * B * H,)](
-            *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_N, BLOCK_D=BLOCK_D, SMALL_SEGMENT=False, **common
+        attn_bwd_dkdv_kernel[(triton.cdiv(N - P, kv_cfg.block_n) * B * H,)](
+            *dkdv_args, BLOCK_KEYS=kv_cfg.block_n, SMALL_SEGMENT=False, **dkdv_options
         )
     if R + P > 0:
-        attn_bwd_dkdv_kernel[(B * H,)](
-            *dkdv_args, BLOCK_M=BLOCK_M, BLOCK_KEYS=BLOCK_S, BLOCK_D=BLOCK_D, SMALL_SEGMENT=True, **common
+        small_cfg = _config("backward_dkdv_small", q)
+        small_options = dict(
+            dkdv_options,
+            BLOCK_M=small_cfg.block_m,
+            HAS_TAIL=N % small_cfg.block_m != 0,
+            TAIL_ROWS=_pow2_at_least(N % small_cfg.block_m),
+            num_warps=small_cfg.num_warps,
+            num_stages=small_cfg.num_stages,
         )
-    attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M) * B * H,)](
+        attn_bwd_dkdv_kernel[(B * H,)](*dkdv_args, BLOCK_KEYS=BLOCK_S, SMALL_SEGMENT=True, **small_options)
+    attn_bwd_dq_kernel[(triton.cdiv(N, q_cfg.block_m) * B * H,)](
         q,
         k,
         v,
@@ -940,11 +1282,13 @@ def attention_backward(
         dq,
         *strides,
         *tail,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
+        BLOCK_M=q_cfg.block_m,
+        BLOCK_N=q_cfg.block_n,
         BLOCK_S=BLOCK_S,
-        BLOCK_D=BLOCK_D,
         HAS_SMALL=(R + P) > 0,
+        HAS_TAIL=(N - P) % q_cfg.block_n != 0,
+        num_warps=q_cfg.num_warps,
+        num_stages=q_cfg.num_stages,
         **common,
     )
     dreg_k = dreg_v = None
