@@ -94,8 +94,10 @@ TABLE: tuple[ConfigRule, ...] = (
     _rule("forward", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
     # forward with the qk_norm / RoPE prologue: two K tiles and the RoPE table per step
     _rule("forward_prologue", _HOPPER, _HALF, 64, (0, 512), 64, 64, 4, 2),
+    _rule("forward_prologue", _HOPPER, _HALF, 64, (512, _INF), 128, 64, 8, 2),
     _rule("forward_prologue", _HOPPER, _HALF, 128, (0, _INF), 128, 64, 8, 2),
-    _rule("forward_prologue", _AMPERE, _HALF, 128, (0, _INF), 64, 32, 4, 2),
+    _rule("forward_prologue", _AMPERE, _HALF, 64, (0, _INF), 64, 32, 4, 2),
+    _rule("forward_prologue", _AMPERE, _HALF, 128, (0, _INF), 64, 32, 8, 2),
     _rule("forward_prologue", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 2),
     # received: BLOCK_N keys per program, BLOCK_M queries per step
     _rule("received", _ANY, _HALF, 128, (0, _INF), 128, 64, 4, 3),
