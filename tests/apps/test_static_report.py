@@ -60,8 +60,9 @@ def test_static_report_compiles_the_launched_kernels_with_the_run_time_specializ
     )
     records = json.loads(run_compiled(code, timeout=900))
     forward = next(r for r in records if r["variant"] == "forward" and r["kernel"] == "attn_fwd_kernel")
-    # the launcher's configuration for ViT-B/14-reg4 at 224 px, bf16, and the run-time aligned specialization
-    assert forward["blocks"] == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 16, "BLOCK_D": 64}
+    # the tile table's configuration for ViT-B/14-reg4 at 224 px, bf16, sm_90, and the run-time specialization
+    assert forward["blocks"] == {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_S": 16, "BLOCK_D": 64}
+    assert forward["programs_per_head"] == 5 and forward["trips"] == [2] and forward["issued_per_head"] > 0
     assert forward["num_warps"] == 4 and forward["arch"] == "sm_90" and forward["mma_kind"] == "wgmma"
     assert forward["registers"] > 0 and forward["shared_bytes"] > 32 * 1024 and forward["blocks_per_sm"] >= 1
     (score_loop,) = [lp for lp in forward["inner_loops"] if lp["per_score"]]
@@ -77,9 +78,11 @@ def test_launches_with_different_run_time_specializations_are_compiled_apart():
     code = (
         "import torch\n"
         "from regkern.apps.static_report import SHAPES, _attention_cases, capture_launches, specialize\n"
+        "from regkern.ops.attention.configs import compile_target\n"
         "for name, B, N, H, d, P in SHAPES[:4]:\n"
         "    (case,) = [c for c in _attention_cases(name, B, N, H, d, P, torch.bfloat16) if c.variant == 'forward']\n"
-        "    (launch,) = capture_launches(case.launcher)\n"
+        "    with compile_target(90):\n"
+        "        (launch,) = capture_launches(case.launcher)\n"
         "    print(name, hash(specialize(launch, 90).key))\n"
     )
     keys = dict(line.split() for line in run_compiled(code, timeout=300).splitlines())
