@@ -10,8 +10,8 @@ Roles (what each config's fields mean):
     forward_prologue   the same with the qk_norm / RoPE prologue fused into the tile loads
     received           query tile BLOCK_M per step, BLOCK_N keys per program (attn_received_kernel)
     backward_dkdv      query tile BLOCK_M per step, BLOCK_N keys per program (attn_bwd_dkdv_kernel)
-    backward_dkdv_small  the same kernel on the small segment (registers + prefix keys: BLOCK_N is unused)
-    backward_dq        query tile BLOCK_M, key tile BLOCK_N (attn_bwd_dq_kernel)
+    backward_dq        query tile BLOCK_M, key tile BLOCK_N (attn_bwd_dq_kernel; it also computes the small
+                       segment's dK, dV shares)
 
 The figures behind the choices are static (registers, spills, shared memory, issued instructions; see
 ``benchmarks/results/static``) until a GPU measures them.
@@ -30,7 +30,7 @@ from ..dispatch import device_capability
 
 __all__ = ["ROLES", "TileConfig", "ConfigRule", "TABLE", "INTERPRETER_CONFIG", "tile_config", "compile_target"]
 
-ROLES = ("forward", "forward_prologue", "received", "backward_dkdv", "backward_dkdv_small", "backward_dq")
+ROLES = ("forward", "forward_prologue", "received", "backward_dkdv", "backward_dq")
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,12 @@ TABLE: tuple[ConfigRule, ...] = (
     _rule("backward_dkdv", _AMPERE, _HALF, 64, (0, _INF), 32, 64, 4, 2),
     _rule("backward_dkdv", _AMPERE, _HALF, 128, (0, _INF), 64, 32, 8, 2),
     _rule("backward_dkdv", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
-    # the small segment's 16 keys: larger query steps amortise the per-step overhead of so few keys
-    _rule("backward_dkdv_small", _HOPPER, _HALF, 64, (512, _INF), 128, 16, 4, 2),
-    _rule("backward_dkdv_small", _ANY, _HALF, 128, (0, _INF), 64, 16, 4, 2),
-    _rule("backward_dkdv_small", _ANY, _ALL, 1 << 30, (0, _INF), 64, 16, 4, 3),
     # backward dQ
     _rule("backward_dq", _HOPPER, _HALF, 64, (0, 512), 64, 64, 4, 3),
     _rule("backward_dq", _HOPPER, _HALF, 64, (512, _INF), 128, 128, 8, 2),
     _rule("backward_dq", _HOPPER, _HALF, 128, (0, _INF), 128, 64, 8, 2),
-    _rule("backward_dq", _AMPERE, _HALF, 128, (0, _INF), 64, 64, 4, 2),
+    _rule("backward_dq", _AMPERE, _HALF, 64, (0, _INF), 64, 64, 4, 2),
+    _rule("backward_dq", _AMPERE, _HALF, 128, (0, _INF), 64, 64, 8, 2),
     _rule("backward_dq", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
 )
 

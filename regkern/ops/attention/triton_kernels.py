@@ -697,15 +697,11 @@ def attn_bwd_dkdv_kernel(
     Q,
     K,
     V,
-    RK,
-    RV,
     DO,
     LSE,
     DELTA,
     DK,
     DV,
-    DRK,
-    DRV,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -715,18 +711,11 @@ def attn_bwd_dkdv_kernel(
     stride_vb,
     stride_vn,
     stride_vh,
-    stride_rkb,
-    stride_rkr,
-    stride_rkh,
-    stride_rvb,
-    stride_rvr,
-    stride_rvh,
     stride_dob,
     stride_don,
     stride_doh,
     H,
     N,
-    R,
     P,
     qk_scale_log2,
     scale,
@@ -734,27 +723,19 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_KEYS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SMALL_SEGMENT: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One program owns one key tile (the small segment, or BLOCK_KEYS patch keys) and loops over all queries.
-    pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
+    # One program owns BLOCK_KEYS patch keys from P and loops over all queries. (The small segment's key gradients
+    # come from attn_bwd_dq_kernel, which has its probabilities at hand.)
+    pid_n, pid_bh, b, h = _program_coords(tl.cdiv(N - P, BLOCK_KEYS), H)
+    offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+    valid = offs_j < N
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    k_base = b * stride_kb + h * stride_kh
-    v_base = b * stride_vb + h * stride_vh
-    if SMALL_SEGMENT:
-        k = _load_small_segment(
-            K, RK, k_base, b * stride_rkb + h * stride_rkh, stride_kn, stride_rkr, offs_j, offs_d, d_mask, R, P
-        )
-        v = _load_small_segment(
-            V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_j, offs_d, d_mask, R, P
-        )
-    else:
-        k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)
-        v = _load_rows(V + v_base, offs_j, stride_vn, offs_d, valid, d_mask)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_j, stride_vn, offs_d, valid, d_mask)
 
     dk = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)  # [BLOCK_KEYS, BLOCK_D]
     dv = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
@@ -778,21 +759,9 @@ def attn_bwd_dkdv_kernel(
             offs_d, qk_scale_log2, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION,
         )  # fmt: skip
     dk = dk * scale
-
-    if SMALL_SEGMENT:
-        # registers -> float32 (B, R, H, d) buffers (reduced over the batch by the launcher when shared)
-        is_reg = offs_j < R
-        reg_ptrs = ((b * R + offs_j[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
-        tl.store(DRK + reg_ptrs, dk, mask=is_reg[:, None] & d_mask[None, :])
-        tl.store(DRV + reg_ptrs, dv, mask=is_reg[:, None] & d_mask[None, :])
-        rows = offs_j - R
-        row_mask = (offs_j >= R) & valid
-    else:
-        rows = offs_j
-        row_mask = valid
     # dk, dv are contiguous (B, N, H, d)
-    ptrs = ((b * N + rows[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
-    mask = row_mask[:, None] & d_mask[None, :]
+    ptrs = ((b * N + offs_j[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+    mask = valid[:, None] & d_mask[None, :]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -859,6 +828,7 @@ def attn_bwd_dq_kernel(
     LSE,
     DELTA,
     DQ,
+    SMALL_GRAD,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -918,6 +888,14 @@ def attn_bwd_dq_kernel(
         dp_small = tl.dot(do, tl.trans(vs), input_precision=DOT_PRECISION)
         ds_small = p_small * (dp_small - delta[:, None])
         dq += tl.dot(ds_small.to(ks.dtype), ks, input_precision=DOT_PRECISION)
+        # this query tile's share of the small segment's dV and dK (transposed, so that M = d suits wgmma); the
+        # launcher sums the shares over the query tiles
+        dv_small = tl.dot(tl.trans(do), p_small.to(do.dtype), input_precision=DOT_PRECISION)  # [BLOCK_D, BLOCK_S]
+        dk_small = tl.dot(tl.trans(q), ds_small.to(q.dtype), input_precision=DOT_PRECISION)
+        share = SMALL_GRAD + (pid_bh * tl.cdiv(N, BLOCK_M) + pid_m) * (2 * BLOCK_D * BLOCK_S)
+        share_offs = offs_d[:, None] * BLOCK_S + offs_s[None, :]  # [BLOCK_D, BLOCK_S]
+        tl.store(share + share_offs, dv_small)
+        tl.store(share + BLOCK_D * BLOCK_S + share_offs, dk_small)
 
     kv_rows = tl.arange(0, BLOCK_N)
     kv_offs_k = _tile_offsets(kv_rows, stride_kn, offs_d)  # [BLOCK_N, BLOCK_D], hoisted
@@ -1229,48 +1207,44 @@ def attention_backward(
     BLOCK_D = _pow2_at_least(d)
     BLOCK_S = _pow2_at_least(R + P)
     common = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype))
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        *srk,
-        *srv,
-        dout.stride(0),
-        dout.stride(1),
-        dout.stride(2),
-    )
-    tail = (H, N, R, P, scale * LOG2E, scale)
-    dkdv_args = (q, k, v, rk, rv, dout, lse, delta, dk, dv, drk, drv) + strides + tail
-    dkdv_options = dict(
-        BLOCK_M=kv_cfg.block_m,
-        HAS_TAIL=N % kv_cfg.block_m != 0,
-        TAIL_ROWS=_pow2_at_least(N % kv_cfg.block_m),
-        num_warps=kv_cfg.num_warps,
-        num_stages=kv_cfg.num_stages,
-        **common,
-    )
+    q_strides = (q.stride(0), q.stride(1), q.stride(2))
+    k_strides = (k.stride(0), k.stride(1), k.stride(2))
+    v_strides = (v.stride(0), v.stride(1), v.stride(2))
+    do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
     if N > P:
         attn_bwd_dkdv_kernel[(triton.cdiv(N - P, kv_cfg.block_n) * B * H,)](
-            *dkdv_args, BLOCK_KEYS=kv_cfg.block_n, SMALL_SEGMENT=False, **dkdv_options
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            *q_strides,
+            *k_strides,
+            *v_strides,
+            *do_strides,
+            H,
+            N,
+            P,
+            scale * LOG2E,
+            scale,
+            BLOCK_M=kv_cfg.block_m,
+            BLOCK_KEYS=kv_cfg.block_n,
+            HAS_TAIL=N % kv_cfg.block_m != 0,
+            TAIL_ROWS=_pow2_at_least(N % kv_cfg.block_m),
+            num_warps=kv_cfg.num_warps,
+            num_stages=kv_cfg.num_stages,
+            **common,
         )
-    if R + P > 0:
-        small_cfg = _config("backward_dkdv_small", q)
-        small_options = dict(
-            dkdv_options,
-            BLOCK_M=small_cfg.block_m,
-            HAS_TAIL=N % small_cfg.block_m != 0,
-            TAIL_ROWS=_pow2_at_least(N % small_cfg.block_m),
-            num_warps=small_cfg.num_warps,
-            num_stages=small_cfg.num_stages,
-        )
-        attn_bwd_dkdv_kernel[(B * H,)](*dkdv_args, BLOCK_KEYS=BLOCK_S, SMALL_SEGMENT=True, **small_options)
-    attn_bwd_dq_kernel[(triton.cdiv(N, q_cfg.block_m) * B * H,)](
+    # the dQ kernel also writes each query tile's share of the small segment's dV, dK (transposed): (B*H, tiles,
+    # [dV, dK], BLOCK_D, BLOCK_S) float32, summed below
+    q_tiles = triton.cdiv(N, q_cfg.block_m)
+    small_grad = torch.empty(
+        (B * H, q_tiles, 2, BLOCK_D, BLOCK_S) if R + P else (1,), dtype=torch.float32, device=q.device
+    )
+    attn_bwd_dq_kernel[(q_tiles * B * H,)](
         q,
         k,
         v,
@@ -1280,8 +1254,19 @@ def attention_backward(
         lse,
         delta,
         dq,
-        *strides,
-        *tail,
+        small_grad,
+        *q_strides,
+        *k_strides,
+        *v_strides,
+        *srk,
+        *srv,
+        *do_strides,
+        H,
+        N,
+        R,
+        P,
+        scale * LOG2E,
+        scale,
         BLOCK_M=q_cfg.block_m,
         BLOCK_N=q_cfg.block_n,
         BLOCK_S=BLOCK_S,
@@ -1291,6 +1276,15 @@ def attention_backward(
         num_stages=q_cfg.num_stages,
         **common,
     )
+    if R + P:
+        # (B, R + P, H, d): the registers' rows, then the prefix tokens'
+        shares = small_grad.sum(1).view(B, H, 2, BLOCK_D, BLOCK_S)[..., :d, : R + P].permute(2, 0, 4, 1, 3)
+        dv_small, dk_small = shares[0], shares[1] * scale
+        dk[:, :P] = dk_small[:, R:]
+        dv[:, :P] = dv_small[:, R:]
+        if R:
+            drk[:, :R] = dk_small[:, :R]
+            drv[:, :R] = dv_small[:, :R]
     dreg_k = dreg_v = None
     if R:
         if reg_k.dim() == 3:
