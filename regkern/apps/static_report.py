@@ -1,26 +1,31 @@
 """``regkern bench --static``: the machine code of the Triton kernels the launchers run, compiled without a GPU.
 
-Each launcher (attention forward with its variants, the ``received`` pass, the backward; LayerNorm forward) runs at
-the benchmark shapes on fake CUDA tensors (``FakeTensorMode``: no memory, no device) while every kernel launch is
-recorded instead of run. Each recorded launch is then compiled for the target with exactly what Triton's own
-launcher would do at run time: the kernel, its constexprs and options come from the launcher's code path, and the
-signature and the alignment / divisibility specialization come from Triton's binder applied to the recorded
-arguments (a tensor's address is its storage offset from a 256-byte aligned allocation, as the caching allocator
-gives). So the report reads the kernel that would run, not a parallel list of configurations.
+Each launcher (attention forward with its variants, the ``received`` pass, the backward; LayerNorm forward and
+backward) runs at the benchmark shapes on fake CUDA tensors (``FakeTensorMode``: no memory, no device) while every
+kernel launch is recorded instead of run. Each recorded launch is then compiled for the target with exactly what
+Triton's own launcher would do at run time: the kernel, its constexprs and options come from the launcher's code
+path, and the signature and the alignment / divisibility specialization come from Triton's binder applied to the
+recorded arguments (a tensor's address is its storage offset from a 256-byte aligned allocation, as the caching
+allocator gives). So the report reads the kernel that would run, not a parallel list of configurations.
 
 Per kernel it reports registers, stack (spill) and shared memory, blocks per SM, the MMA kind (wgmma or mma.sync)
 and SASS instruction counts, in total and per inner loop (a loop is a backward branch in the SASS). These are
 static figures, never speed: a GPU benchmark run is what measures time.
 
-The LayerNorm backward is not covered yet (its launcher asks the device for its SM count).
+The LayerNorm backward's launcher sizes its grid by the SM count, which ``dispatch.compile_target`` sets per
+architecture (132 SMs for sm_90, 108 for sm_80). Issued instructions per (batch, head) are reported for the
+attention launches. ``extension_report`` adds the ``csrc/`` kernels of the built CUDA extension (registers, stack,
+static shared memory and SASS counts from ``cuobjdump``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -31,8 +36,8 @@ from typing import Callable, Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..ops.attention.configs import compile_target
 from ..ops.attention.op import triton_kernels as attention_kernels
+from ..ops.dispatch import compile_target
 from ..ops.layer_norm.op import triton_kernels as layer_norm_kernels
 from .bench_results import git_commit
 
@@ -46,6 +51,11 @@ __all__ = [
     "static_report",
     "issued_per_head",
     "issued_per_call",
+    "built_extension",
+    "parse_resource_usage",
+    "split_sass_functions",
+    "extension_report",
+    "format_extension_markdown",
     "format_static_markdown",
     "add_static_arguments",
     "run_static",
@@ -332,7 +342,14 @@ def _layer_norm_cases(dtype) -> list[_Case]:
             w = torch.empty(C, dtype=dtype, device="cuda")
             kernels.layer_norm_forward(x, w, w, 1e-6)
 
-        cases.append(_Case("layer_norm_forward", run, f"C{C}", str(dtype).replace("torch.", "")))
+        def backward(C=C):
+            x = torch.empty(8, 261, C, dtype=dtype, device="cuda")
+            w = torch.empty(C, dtype=dtype, device="cuda")
+            stats = torch.empty(8, 261, dtype=torch.float32, device="cuda")
+            kernels.layer_norm_backward(x, x, w, w, stats, stats)
+
+        dt = str(dtype).replace("torch.", "")
+        cases += [_Case("layer_norm_forward", run, f"C{C}", dt), _Case("layer_norm_backward", backward, f"C{C}", dt)]
     return cases
 
 
@@ -344,7 +361,7 @@ def static_report(
 ) -> list[dict]:
     """One record per compiled kernel launch (see the module docstring); duplicates (the same kernel, constexprs
     and options at two shapes) are compiled once and reported per shape. Each launch's configuration is the one the
-    launcher picks for that architecture (``configs.compile_target``)."""
+    launcher picks for that architecture (``dispatch.compile_target``: its capability and SM count)."""
     heads = {name: (B, H) for name, B, _, H, *_ in shapes}
     cases = [c for shape in shapes for c in _attention_cases(*shape, dtype)] + _layer_norm_cases(dtype)
     records, cache = [], {}
@@ -466,6 +483,104 @@ def add_static_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def built_extension() -> Optional[Path]:
+    """The built CUDA extension (``regkern._C``) if there is one, else None."""
+    spec = importlib.util.find_spec("regkern._C")
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _demangle(names: Sequence[str]) -> list[str]:
+    """Kernel names as ``name<template args>`` (c++filt when present, else the mangled names)."""
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return list(names)
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    short = []
+    for line in out.splitlines():
+        line = re.sub(r"regkern::(\(anonymous namespace\)::)?", "", re.sub(r"^void ", "", line))
+        short.append(re.sub(r"\([^()]*\)$", "", line))  # the parameter list
+    return short
+
+
+def parse_resource_usage(text: str) -> dict[tuple[int, str], tuple]:
+    """``cuobjdump -res-usage`` of a fat binary -> {(arch, mangled kernel): (source file, registers, stack, static
+    shared, local)}."""
+    resources, arch, source, name = {}, None, "", None
+    for line in text.splitlines():
+        if found := re.match(r"\s*arch = sm_(\d+)", line):
+            arch = int(found.group(1))
+        elif found := re.match(r"\s*identifier = (.+)", line):
+            source = Path(found.group(1).strip()).name
+        elif found := re.match(r"\s*Function (\S+):", line):
+            name = found.group(1)
+        elif (found := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)) and name:
+            resources[(arch, name)] = (source, *(int(g) for g in found.groups()))
+    return resources
+
+
+def split_sass_functions(text: str) -> dict[tuple[int, str], str]:
+    """``cuobjdump -sass`` of a fat binary -> {(arch, mangled kernel): its SASS}."""
+    bodies, arch, name = {}, None, None
+    for line in text.splitlines():
+        if found := re.match(r"\s*arch = sm_(\d+)", line):
+            arch, name = int(found.group(1)), None
+        elif found := re.match(r"\s*Function : (\S+)", line):
+            name = found.group(1)
+            bodies[(arch, name)] = []
+        elif name is not None:
+            bodies[(arch, name)].append(line)
+    return {key: "\n".join(lines) for key, lines in bodies.items()}
+
+
+def extension_report(path: Optional[Path] = None, archs: Sequence[int] = (90, 80)) -> list[dict]:
+    """One record per ``csrc/`` kernel and architecture in the built extension (``cuobjdump -res-usage`` and
+    ``-sass``): registers, stack, static shared memory (the kernels' dynamic shared memory is sized at launch), the MMA
+    kind and SASS counts. [] when no extension is built."""
+    path = path or built_extension()
+    if path is None or not path.exists():
+        return []
+    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True, check=True)
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True)
+    resources, bodies = parse_resource_usage(usage.stdout), split_sass_functions(sass.stdout)
+    keys = [key for key in resources if key[0] in archs]
+    records = []
+    for (arch, name), short in zip(keys, _demangle([name for _, name in keys])):
+        source, regs, stack, shared, local = resources[(arch, name)]
+        summary = sass_summary(bodies.get((arch, name), ""))
+        records.append(
+            {
+                "kernel": short,
+                "source": source,
+                "arch": f"sm_{arch}",
+                "registers": regs,
+                "stack_bytes": stack,
+                "local_bytes": local,
+                "static_shared_bytes": shared,
+                **summary,
+            }
+        )
+    return records
+
+
+def format_extension_markdown(records: Sequence[dict]) -> str:
+    """The csrc/ kernels' table (static figures)."""
+    lines = [
+        "## csrc/ kernels (the built extension)",
+        "",
+        "| arch | source | kernel | regs | stack B | static shared B | MMA | SASS total (MMA, EX2) "
+        "| innermost loops: total (MMA, EX2) |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for r in records:
+        loops = "; ".join(f"{lp['total']} ({lp['mma']}, {lp['ex2']})" for lp in r["inner_loops"])
+        lines.append(
+            f"| {r['arch']} | {r['source']} | `{r['kernel']}` | {r['registers']} | {r['stack_bytes']} | "
+            f"{r['static_shared_bytes']} | {r['mma_kind']} | {r['counts']['total']} ({r['counts']['mma']}, "
+            f"{r['counts']['ex2']}) | {loops} |"
+        )
+    return "\n".join(lines + [""])
+
+
 def run_static(out_dir: Path, archs: Sequence[int], out: Callable[[str], None] = print) -> list[dict]:
     """Write ``static.json`` and ``static.md`` under ``out_dir``; returns the records."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -474,10 +589,21 @@ def run_static(out_dir: Path, archs: Sequence[int], out: Callable[[str], None] =
     import triton
 
     records = static_report(archs, progress=out)
+    extension = extension_report(archs=archs)
     environment = {"triton": triton.__version__, "torch": torch.__version__, "commit": git_commit()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "static.json").write_text(json.dumps({"environment": environment, "records": records}, indent=2))
-    markdown = format_static_markdown(records, environment)
+    document = {"environment": environment, "records": records, "extension": extension}
+    (out_dir / "static.json").write_text(json.dumps(document, indent=2))
+    markdown = (
+        format_static_markdown(records, environment)
+        + "\n"
+        + (
+            format_extension_markdown(extension)
+            if extension
+            else "## csrc/ kernels\n\nNo built extension "
+            "(build it: `REGKERN_BUILD_CUDA=1 pip install --no-build-isolation -e .`).\n"
+        )
+    )
     (out_dir / "static.md").write_text(markdown)
     out(markdown)
     out(f"written: {out_dir / 'static.json'}, {out_dir / 'static.md'}")

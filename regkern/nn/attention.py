@@ -149,15 +149,20 @@ class RegisterAttentionBase(nn.Module):
         self._fuse_prologue, self.prologue_reason = self._prologue_fusion()
 
     def _prologue_fusion(self):
-        """Whether q_norm/k_norm and RoPE run inside the kernel, and why (not)."""
+        """Whether q_norm/k_norm and RoPE run inside the attention op (its prologue pre-pass), and why (not)."""
         if not getattr(self._attention_backend, "fuses_qk_prologue", False):
             return False, f"backend {self.backend_name!r} runs q_norm/k_norm/RoPE as separate PyTorch ops"
         norms = (self.q_norm, self.k_norm)
         rope = " and RoPE" if self.uses_rope else ""
         if all(isinstance(n, nn.Identity) for n in norms):
-            return True, f"no q_norm/k_norm{rope} fused into the kernel's Q/K loads" if rope else "no q_norm/k_norm"
+            return (
+                True,
+                f"no q_norm/k_norm{rope} inside the attention op (its prologue pre-pass)"
+                if rope
+                else "no q_norm/k_norm",
+            )
         if all(_is_plain_layer_norm(n, self.head_dim) for n in norms) and self.q_norm.eps == self.k_norm.eps:
-            return True, f"q_norm/k_norm (LayerNorm){rope} fused into the kernel's Q/K loads"
+            return True, f"q_norm/k_norm (LayerNorm){rope} inside the attention op (its prologue pre-pass)"
         return False, (
             f"q_norm/k_norm of type {type(self.q_norm).__name__} cannot be fused; they run as separate PyTorch ops"
         )
@@ -209,7 +214,7 @@ class RegisterAttentionBase(nn.Module):
 
     def _attend(self, q, k, v, attn_mask, rope=None):
         """q, k, v (B, N, H, d) straight from the projection -> out (B, N, H, d): q_norm/k_norm and RoPE (on tokens
-        >= num_prefix_tokens), then register attention; the first two fused into the kernel when it can."""
+        >= num_prefix_tokens), then register attention; the first two inside the attention op when it can."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         stats = self.monitor_stats if attn_mask is None else ()
         if attn_mask is None and self._fuse_prologue:

@@ -18,8 +18,10 @@ The returned ``BackendChoice`` says why, in words (``regkern.explain`` prints it
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable, Optional
@@ -33,7 +35,9 @@ __all__ = [
     "BackendChoice",
     "Dispatcher",
     "UnavailableBackend",
+    "compile_target",
     "device_capability",
+    "multiprocessor_count",
     "dtype_name",
     "kernels_problem",
 ]
@@ -44,12 +48,48 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+#: (compute capability, SM count) that CUDA devices report inside ``compile_target``; None: ask the device
+_compile_target: Optional[tuple[tuple[int, int], int]] = None
+
+#: SM counts that ``compile_target`` assumes by default: H100/H200 SXM (sm_90), A100 (sm_80)
+_DEFAULT_MULTIPROCESSORS = {90: 132, 80: 108}
+
+
+@contextlib.contextmanager
+def compile_target(arch: int, multiprocessors: Optional[int] = None) -> Iterator[None]:
+    """Within the block, CUDA devices report compute capability ``arch`` (e.g. 90) and ``multiprocessors`` SMs
+    instead of being asked: how ``regkern bench --static`` gets the launch configurations of an sm_90 or sm_80 GPU
+    on a machine without one. Not thread-safe; a developer tool."""
+    global _compile_target
+    sms = multiprocessors if multiprocessors is not None else _DEFAULT_MULTIPROCESSORS.get(int(arch), 100)
+    previous, _compile_target = _compile_target, ((int(arch) // 10, int(arch) % 10), int(sms))
+    try:
+        yield
+    finally:
+        _compile_target = previous
+
+
 def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
     """Compute capability of a CUDA device (queried when a backend is chosen, never at import); None elsewhere."""
     if device.type != "cuda":
         return None
+    if _compile_target is not None:
+        return _compile_target[0]
     index = torch.cuda.current_device() if device.index is None else device.index
     return cuda_capability(index)
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SM count of a CUDA device (queried at launch time, cached per device)."""
+    if _compile_target is not None:
+        return _compile_target[1]
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _cuda_multiprocessors(index)
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 @torch.compiler.assume_constant_result  # traced calls (functional ops under torch.compile) see a constant

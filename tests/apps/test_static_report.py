@@ -70,6 +70,7 @@ def test_static_report_compiles_the_launched_kernels_with_the_run_time_specializ
     variants = {(r["variant"], r["kernel"]) for r in records}
     assert ("backward", "attn_bwd_dq_kernel") in variants and ("forward+received", "attn_received_kernel") in variants
     assert any(r["kernel"] == "ln_fwd_kernel" for r in records)
+    assert any(r["kernel"] == "ln_bwd_kernel" and r["variant"] == "layer_norm_backward" for r in records)
 
 
 def test_launches_with_different_run_time_specializations_are_compiled_apart():
@@ -78,7 +79,7 @@ def test_launches_with_different_run_time_specializations_are_compiled_apart():
     code = (
         "import torch\n"
         "from regkern.apps.static_report import SHAPES, _attention_cases, capture_launches, specialize\n"
-        "from regkern.ops.attention.configs import compile_target\n"
+        "from regkern.ops.dispatch import compile_target\n"
         "for name, B, N, H, d, P in SHAPES[:4]:\n"
         "    (case,) = [c for c in _attention_cases(name, B, N, H, d, P, torch.bfloat16) if c.variant == 'forward']\n"
         "    with compile_target(90):\n"
@@ -87,3 +88,51 @@ def test_launches_with_different_run_time_specializations_are_compiled_apart():
     )
     keys = dict(line.split() for line in run_compiled(code, timeout=300).splitlines())
     assert len(keys) == 4 and keys["vitl14reg4-518"] != keys["vitg14reg4-518"] != keys["vits16-224"]
+
+
+RES_USAGE = """
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+identifier = /src/csrc/attention.cu
+
+Resource usage:
+ Common:
+  GLOBAL:28 CONSTANT[4]:224
+ Function _ZN7regkern6kernelILi64EEEvv:
+  REG:131 STACK:8 SHARED:1024 LOCAL:0 CONSTANT[0]:560 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS_FAT = """
+Fatbin elf code:
+================
+arch = sm_90
+	code for sm_90
+		Function : _ZN7regkern6kernelILi64EEEvv
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_extension_report_parses_resource_usage_and_splits_sass_per_kernel():
+    from regkern.apps.static_report import parse_resource_usage, split_sass_functions
+
+    key = (90, "_ZN7regkern6kernelILi64EEEvv")
+    assert parse_resource_usage(RES_USAGE) == {key: ("attention.cu", 131, 8, 1024, 0)}
+    (body,) = split_sass_functions(SASS_FAT).values()
+    assert list(split_sass_functions(SASS_FAT)) == [key]
+    assert sass_summary(body)["mma_kind"] == "mma.sync" and sass_summary(body)["counts"]["total"] == 2
+
+
+def test_extension_report_reads_the_built_extension():
+    from regkern.apps.static_report import built_extension, extension_report
+
+    path = built_extension()
+    if path is None:
+        pytest.skip("no built CUDA extension (REGKERN_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+    records = extension_report(path)
+    assert {r["arch"] for r in records} == {"sm_90", "sm_80"}
+    assert {r["source"] for r in records} == {"attention.cu", "layer_norm.cu", "embed_tokens.cu"}
+    attention = [r for r in records if r["kernel"].startswith("register_attention_fwd_kernel")]
+    assert attention and all(r["registers"] > 0 and r["counts"]["mma"] > 0 for r in attention)

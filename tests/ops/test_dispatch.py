@@ -167,3 +167,18 @@ def test_declared_support_agrees_with_the_reasons(dispatcher):
                 if not declared:
                     reasons = backend.not_supported_reasons(_request(dispatcher.op, device_type, dtype))
                     assert reasons, (backend.name, device_type, dtype)
+
+
+def test_compile_target_sets_what_cuda_devices_report_and_restores_it():
+    from regkern.ops.dispatch import compile_target, device_capability, multiprocessor_count
+
+    cuda = torch.device("cuda")
+    with compile_target(90):
+        assert device_capability(cuda) == (9, 0) and multiprocessor_count(cuda) == 132
+        with compile_target(86, multiprocessors=84):
+            assert device_capability(cuda) == (8, 6) and multiprocessor_count(cuda) == 84
+        assert device_capability(cuda) == (9, 0)
+    assert device_capability(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)):  # outside the block the (absent) device is asked
+            device_capability(cuda)

@@ -92,7 +92,7 @@ class AttentionBackend(Backend):
     support, and implement ``attention``."""
 
     features = frozenset(reference.STAT_NAMES) | {"attn_mask", "dropout"}
-    #: whether ``attention_with_prologue`` (qk_norm + RoPE fused into the kernel) is available
+    #: whether ``attention_with_prologue`` (qk_norm + RoPE inside the op, as its pre-pass) is available
     fuses_qk_prologue: bool = False
 
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
@@ -235,7 +235,7 @@ class TritonBackend(AttentionBackend):
     def attention_with_prologue(
         self, q, k, v, reg_k, reg_v, *, scale, num_prefix, q_norm, k_norm, norm_eps, rope, rotate_half, return_stats=()
     ):
-        """Attention over ``reference.qk_prologue``-transformed q and k, the prologue fused into the kernel.
+        """Attention over ``reference.qk_prologue``-transformed q and k, the prologue inside the op (a pre-pass kernel).
 
         q_norm, k_norm: (weight, bias) pairs (either may be None) or None when qk_norm is off."""
         qk_norm = q_norm is not None

@@ -3,11 +3,12 @@
 A rule is keyed on (kernel role, architecture, dtype, head dim, N range); the first rule that matches a call wins.
 The launchers ask ``tile_config`` with the device's compute capability at launch time (never at import);
 ``regkern bench --static`` compiles exactly the configurations this table gives at the benchmark shapes, for the
-architecture it targets (``compile_target``). Under the Triton interpreter small fixed tiles keep CPU tests fast.
+architecture it targets (``regkern.ops.dispatch.compile_target``). Under the Triton interpreter small fixed tiles
+keep CPU tests fast.
 
 Roles (what each config's fields mean):
     forward            query tile BLOCK_M, key tile BLOCK_N (attn_fwd_kernel without a prologue)
-    forward_prologue   the same with the qk_norm / RoPE prologue fused into the tile loads
+    prologue           the qk_norm / RoPE pre-pass: BLOCK_M tokens per program (BLOCK_N unused)
     received           query tile BLOCK_M per step, BLOCK_N keys per program (attn_received_kernel)
     backward_dkdv      query tile BLOCK_M per step, BLOCK_N keys per program (attn_bwd_dkdv_kernel)
     backward_dq        query tile BLOCK_M, key tile BLOCK_N (attn_bwd_dq_kernel; it also computes the small
@@ -19,18 +20,15 @@ The figures behind the choices are static (registers, spills, shared memory, iss
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ..dispatch import device_capability
 
-__all__ = ["ROLES", "TileConfig", "ConfigRule", "TABLE", "INTERPRETER_CONFIG", "tile_config", "compile_target"]
+__all__ = ["ROLES", "TileConfig", "ConfigRule", "TABLE", "INTERPRETER_CONFIG", "tile_config"]
 
-ROLES = ("forward", "forward_prologue", "received", "backward_dkdv", "backward_dq")
+ROLES = ("forward", "prologue", "received", "backward_dkdv", "backward_dq")
 
 
 @dataclass(frozen=True)
@@ -92,13 +90,8 @@ TABLE: tuple[ConfigRule, ...] = (
     _rule("forward", _AMPERE, _HALF, 128, (0, _INF), 128, 64, 8, 3),
     _rule("forward", _ANY, _FP32, 64, (0, _INF), 64, 32, 4, 3),
     _rule("forward", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
-    # forward with the qk_norm / RoPE prologue: two K tiles and the RoPE table per step
-    _rule("forward_prologue", _HOPPER, _HALF, 64, (0, 512), 64, 64, 4, 2),
-    _rule("forward_prologue", _HOPPER, _HALF, 64, (512, _INF), 128, 64, 8, 2),
-    _rule("forward_prologue", _HOPPER, _HALF, 128, (0, _INF), 128, 64, 8, 2),
-    _rule("forward_prologue", _AMPERE, _HALF, 64, (0, _INF), 64, 32, 4, 2),
-    _rule("forward_prologue", _AMPERE, _HALF, 128, (0, _INF), 64, 32, 8, 2),
-    _rule("forward_prologue", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 2),
+    # the qk_norm / RoPE pre-pass: BLOCK_M tokens of one (batch, head) per program
+    _rule("prologue", _ANY, _ALL, 1 << 30, (0, _INF), 16, 64, 1, 1),
     # received: BLOCK_N keys per program, BLOCK_M queries per step
     _rule("received", _ANY, _HALF, 128, (0, _INF), 128, 64, 4, 3),
     _rule("received", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
@@ -122,35 +115,15 @@ TABLE: tuple[ConfigRule, ...] = (
 #: The interpreter's tiles: small, so that CPU tests stay fast.
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1)
 
-_forced_arch: Optional[int] = None
-
-
-@contextlib.contextmanager
-def compile_target(arch: int) -> Iterator[None]:
-    """Within the block, launchers choose configurations for compute capability ``arch`` (e.g. 90) instead of
-    asking the device: how ``regkern bench --static`` gets sm_90's kernels on a machine without one."""
-    global _forced_arch
-    previous, _forced_arch = _forced_arch, int(arch)
-    try:
-        yield
-    finally:
-        _forced_arch = previous
-
-
-def _arch(device: torch.device) -> int:
-    if _forced_arch is not None:
-        return _forced_arch
-    major, minor = device_capability(device)
-    return major * 10 + minor
-
 
 def tile_config(role: str, device: torch.device, dtype: torch.dtype, head_dim: int, N: int) -> TileConfig:
     """The configuration of ``role`` for a call on ``device`` (CUDA; anything else gets the interpreter's)."""
     if role not in ROLES:
         raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
-    if device.type != "cuda" and _forced_arch is None:
+    if device.type != "cuda":
         return INTERPRETER_CONFIG
-    arch = _arch(device)
+    major, minor = device_capability(device)
+    arch = major * 10 + minor
     for rule in TABLE:
         if rule.matches(role, arch, dtype, head_dim, N):
             return rule.config

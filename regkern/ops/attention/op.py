@@ -11,8 +11,9 @@
 Optional gradients come back as empty (0,) tensors when their input is absent (ops cannot return None).
 
 The prologue (timm's ``qk_norm`` LayerNorm over d, then RoPE on tokens >= num_prefix; ``reference.qk_prologue``)
-is fused into the Triton forward's Q/K tile loads. The backward recomputes the transformed q, k in PyTorch, runs the
-attention backward on them and applies ``reference.qk_prologue_backward``.
+runs in Triton as a pre-pass kernel, once per token, before the attention passes. The backward recomputes the
+transformed q, k (Triton: the same pre-pass), runs the attention backward on them and applies
+``reference.qk_prologue_backward``.
 
 ``impl`` is "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cuda" (the extension's
 ``regkern::cuda_attention_fwd``: the csrc/ kernel on CUDA tensors, its C++ reference on CPU tensors; no qk prologue,
@@ -188,7 +189,21 @@ def attention_bwd(
     _check_impl(impl)
     prologue = qk_norm or rope is not None
     qp, kp = q, k
-    if prologue:  # recompute what the forward fused into its loads
+    if prologue and impl == "triton":  # recompute q', k' with the forward's own pre-pass
+        qp, kp = triton_kernels().qk_prologue(
+            q,
+            k,
+            q_norm_weight,
+            q_norm_bias,
+            k_norm_weight,
+            k_norm_bias,
+            norm_eps,
+            qk_norm,
+            rope,
+            num_prefix,
+            rotate_half,
+        )
+    elif prologue:
         qp = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
         kp = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
     if impl == "triton" or (impl == "cuda" and q.is_cuda):  # the cuda implementation's backward is Triton's

@@ -45,60 +45,128 @@ def _program_coords(num_tiles, H):
 
 
 @triton.jit
-def _load_qk(
-    base,
+def _prologue_tile(
+    src,
+    dst,
     rows,
     row_stride,
-    offs_d,
+    dst_row_stride,
     row_mask,
-    d_mask,
-    HEAD_DIM,
     NW,
     NB,
     eps,
     rope_base,
-    rope_stride_m,
+    stride_ropem,
     P,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     QK_NORM: tl.constexpr,
     USE_ROPE: tl.constexpr,
     ROTATE_HALF: tl.constexpr,
 ):
-    # Q or K tile with timm's prologue fused into the load: per-head LayerNorm over d (qk_norm), then RoPE on
-    # tokens >= P. Each step is rounded to the input dtype as timm rounds it; padded rows/columns are 0.
-    mask = row_mask[:, None] & d_mask[None, :]
-    x = tl.load(base + rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
-    if QK_NORM or USE_ROPE:
-        if ROTATE_HALF:
-            half = HEAD_DIM // 2
-            partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
-            sign = tl.where(offs_d < half, -1.0, 1.0)
-        else:
-            partner = offs_d ^ 1
-            sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
-        y = x.to(tl.float32)
-        if USE_ROPE:  # the rotation partners, loaded as a second tile
-            yp = tl.load(base + rows[:, None] * row_stride + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        if QK_NORM:
-            mean = tl.sum(y, axis=1) / HEAD_DIM
-            yc = tl.where(mask, y - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / HEAD_DIM + eps)
-            w = tl.load(NW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            b = tl.load(NB + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            y = (yc * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype).to(tl.float32)
-            if USE_ROPE:
-                wp = tl.load(NW + partner, mask=d_mask, other=0.0).to(tl.float32)
-                bp = tl.load(NB + partner, mask=d_mask, other=0.0).to(tl.float32)
-                ypc = tl.where(mask, yp - mean[:, None], 0.0)
-                yp = (ypc * rstd[:, None] * wp[None, :] + bp[None, :]).to(x.dtype).to(tl.float32)
-        if USE_ROPE:
-            t = rows - P
-            rmask = (row_mask & (rows >= P))[:, None] & d_mask[None, :]
-            table = rope_base + t[:, None] * rope_stride_m + offs_d[None, :]
-            sin = tl.load(table, mask=rmask, other=0.0).to(tl.float32)
-            cos = tl.load(table + HEAD_DIM, mask=rmask, other=1.0).to(tl.float32)
-            y = y * cos + sign[None, :] * yp * sin
-        x = tl.where(mask, y, 0.0).to(x.dtype)
-    return x
+    # One [T, BLOCK_D] tile of q or k, loaded contiguous. For rotate_half, position p holds column
+    # (p // (BLOCK_D / 2)) * (d / 2) + p % (BLOCK_D / 2), so that both halves start at a power of two; RoPE then
+    # pairs each column with its partner by a reshape and a split, without a second load.
+    BLOCK_H: tl.constexpr = BLOCK_D // 2
+    offs_p = tl.arange(0, BLOCK_D)
+    if ROTATE_HALF:
+        cols = (offs_p // BLOCK_H) * (HEAD_DIM // 2) + offs_p % BLOCK_H
+        col_ok = (offs_p % BLOCK_H) < HEAD_DIM // 2
+    else:
+        cols = offs_p
+        col_ok = offs_p < HEAD_DIM
+    mask = row_mask[:, None] & col_ok[None, :]  # [T, BLOCK_D]
+    x = tl.load(src + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    y = x.to(tl.float32)
+    if QK_NORM:
+        mean = tl.sum(y, axis=1) / HEAD_DIM
+        yc = y - mean[:, None]
+        if BLOCK_D != HEAD_DIM:  # padded columns stay out of the variance (padded rows are 0 - 0)
+            yc = tl.where(col_ok[None, :], yc, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / HEAD_DIM + eps)
+        w = tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(NB + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = (yc * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype).to(tl.float32)
+    if USE_ROPE:  # patch tokens only: prefix rows read sin = 0, cos = 1
+        rope_mask = mask & (rows >= P)[:, None]
+        table = rope_base + (rows - P)[:, None] * stride_ropem + cols[None, :]
+        sin = tl.load(table, mask=rope_mask, other=0.0).to(tl.float32)
+        cos = tl.load(table + HEAD_DIM, mask=rope_mask, other=1.0).to(tl.float32)
+        ya, yb = _rope_pairs(y, ROTATE_HALF)
+        sa, sb = _rope_pairs(sin, ROTATE_HALF)
+        ca, cb = _rope_pairs(cos, ROTATE_HALF)
+        y = _rope_unpair(ya * ca - yb * sa, yb * cb + ya * sb, ROTATE_HALF)
+    tl.store(dst + rows[:, None] * dst_row_stride + cols[None, :], y.to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _rope_pairs(t, ROTATE_HALF: tl.constexpr):
+    # [T, BLOCK_D] -> the two [T, BLOCK_D / 2] members of each rotation pair
+    T: tl.constexpr = t.shape[0]
+    BLOCK_H: tl.constexpr = t.shape[1] // 2
+    if ROTATE_HALF:
+        return tl.split(tl.permute(tl.reshape(t, [T, 2, BLOCK_H]), (0, 2, 1)))
+    else:
+        return tl.split(tl.reshape(t, [T, BLOCK_H, 2]))
+
+
+@triton.jit
+def _rope_unpair(a, b, ROTATE_HALF: tl.constexpr):
+    # inverse of _rope_pairs
+    T: tl.constexpr = a.shape[0]
+    BLOCK_D: tl.constexpr = 2 * a.shape[1]
+    if ROTATE_HALF:
+        return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [T, BLOCK_D])
+    else:
+        return tl.reshape(tl.join(a, b), [T, BLOCK_D])
+
+
+@triton.jit
+def attn_prologue_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    QNW,
+    QNB,
+    KNW,
+    KNB,
+    ROPE,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_ropeb,
+    stride_ropeh,
+    stride_ropem,
+    H,
+    N,
+    P,
+    norm_eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr,
+):
+    # timm's prologue once per token: q' and k' (per-head LayerNorm over d, then RoPE on tokens >= P) of BLOCK_T
+    # tokens of one (b, h), written contiguous (B, N, H, d); the attention passes then load plain tiles
+    pid_t, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_T), H)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < N
+    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
+    out_base = (b * N * H + h) * HEAD_DIM  # row n of (b, h) at out_base + n * H * d
+    _prologue_tile(
+        Q + b * stride_qb + h * stride_qh, QO + out_base, rows, stride_qn, H * HEAD_DIM, row_mask, QNW, QNB, norm_eps,
+        rope_base, stride_ropem, P, HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
+    )  # fmt: skip
+    _prologue_tile(
+        K + b * stride_kb + h * stride_kh, KO + out_base, rows, stride_kn, H * HEAD_DIM, row_mask, KNW, KNB, norm_eps,
+        rope_base, stride_ropem, P, HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -108,35 +176,6 @@ def _load_small_segment(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, o
     is_pre = (offs_s >= R) & (offs_s < R + P)
     reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
     pre = _load_rows(K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask)
-    return reg + pre
-
-
-@triton.jit
-def _load_small_segment_keys(
-    K,
-    RK,
-    k_base,
-    rk_base,
-    stride_kn,
-    stride_rkr,
-    offs_s,
-    offs_d,
-    d_mask,
-    R,
-    P,
-    HEAD_DIM,
-    NW,
-    NB,
-    eps,
-    QK_NORM: tl.constexpr,
-):
-    # as _load_small_segment, with k_norm applied to the prefix keys (registers are raw keys; prefix gets no RoPE)
-    is_reg = offs_s < R
-    is_pre = (offs_s >= R) & (offs_s < R + P)
-    reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
-    pre = _load_qk(
-        K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask, HEAD_DIM, NW, NB, eps, K, 0, P, QK_NORM, False, False
-    )
     return reg + pre
 
 
@@ -210,11 +249,6 @@ def _fwd_patch_tile(
     stride_vn,
     offs_d,
     qk_scale_log2,
-    KNW,
-    KNB,
-    norm_eps,
-    rope_base,
-    stride_ropem,
     PREFIX_S,
     pid_bh,
     offs_m,
@@ -224,42 +258,19 @@ def _fwd_patch_tile(
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    QK_NORM: tl.constexpr,
-    USE_ROPE: tl.constexpr,
-    ROTATE_HALF: tl.constexpr,
     STAT_PREFIX: tl.constexpr,
 ):
     # one BLOCK_N tile of patch keys from `start`; MASK only for the ragged last tile
     offs_n = start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if QK_NORM or USE_ROPE:
-        k = _load_qk(
-            k_base,
-            offs_n,
-            stride_kn,
-            offs_d,
-            n_mask,
-            offs_d < HEAD_DIM,
-            HEAD_DIM,
-            KNW,
-            KNB,
-            norm_eps,
-            rope_base,
-            stride_ropem,
-            P,
-            QK_NORM,
-            USE_ROPE,
-            ROTATE_HALF,
-        )
-    else:
-        k = _load_tile(
-            _kv_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
-            n_mask,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            MASK,
-        )
+    k = _load_tile(
+        _kv_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
+        n_mask,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        MASK,
+    )
     v = _load_tile(
         _kv_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
         n_mask,
@@ -287,11 +298,6 @@ def attn_fwd_kernel(
     LSE,
     OUT_SQ,
     PREFIX_S,
-    QNW,
-    QNB,
-    KNW,
-    KNB,
-    ROPE,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -307,9 +313,6 @@ def attn_fwd_kernel(
     stride_rvb,
     stride_rvr,
     stride_rvh,
-    stride_ropeb,
-    stride_ropeh,
-    stride_ropem,
     H,
     N,
     R,
@@ -317,7 +320,6 @@ def attn_fwd_kernel(
     first_row,
     tiles,
     qk_scale_log2,
-    norm_eps,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -326,9 +328,6 @@ def attn_fwd_kernel(
     HAS_SMALL: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    QK_NORM: tl.constexpr,
-    USE_ROPE: tl.constexpr,
-    ROTATE_HALF: tl.constexpr,
     STAT_OUT_SQ: tl.constexpr,
     STAT_PREFIX: tl.constexpr,
 ):
@@ -344,28 +343,7 @@ def attn_fwd_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
-    if QK_NORM or USE_ROPE:
-        q = _load_qk(
-            q_base,
-            offs_m,
-            stride_qn,
-            offs_d,
-            m_mask,
-            d_mask,
-            HEAD_DIM,
-            QNW,
-            QNB,
-            norm_eps,
-            rope_base,
-            stride_ropem,
-            P,
-            QK_NORM,
-            USE_ROPE,
-            ROTATE_HALF,
-        )
-    else:
-        q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
@@ -373,7 +351,7 @@ def attn_fwd_kernel(
     if HAS_SMALL:
         offs_s = tl.arange(0, BLOCK_S)
         small_ok = offs_s < R + P
-        ks = _load_small_segment_keys(
+        ks = _load_small_segment(
             K,
             RK,
             b * stride_kb + h * stride_kh,
@@ -385,11 +363,6 @@ def attn_fwd_kernel(
             d_mask,
             R,
             P,
-            HEAD_DIM,
-            KNW,
-            KNB,
-            norm_eps,
-            QK_NORM,
         )
         vs = _load_small_segment(
             V,
@@ -420,14 +393,14 @@ def attn_fwd_kernel(
     for start in range(P, end_full, BLOCK_N):
         m_i, l_i, acc = _fwd_patch_tile(
             q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, start, N, R, P, stride_kn, stride_vn, offs_d,
-            qk_scale_log2, KNW, KNB, norm_eps, rope_base, stride_ropem, PREFIX_S, pid_bh, offs_m, prefix_ok,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF, STAT_PREFIX,
+            qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, STAT_PREFIX,
         )  # fmt: skip
     if HAS_TAIL:
         m_i, l_i, acc = _fwd_patch_tile(
             q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, end_full, N, R, P, stride_kn, stride_vn, offs_d,
-            qk_scale_log2, KNW, KNB, norm_eps, rope_base, stride_ropem, PREFIX_S, pid_bh, offs_m, prefix_ok,
-            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF, STAT_PREFIX,
+            qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok,
+            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, STAT_PREFIX,
         )  # fmt: skip
 
     acc = acc * (1.0 / l_i)[:, None]
@@ -461,49 +434,21 @@ def _received_query_tile(
     q_offs,
     start,
     N,
-    P,
     stride_qn,
     offs_d,
     LSE_BH,
     qk_scale_log2,
-    QNW,
-    QNB,
-    norm_eps,
-    rope_base,
-    stride_ropem,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    QK_NORM: tl.constexpr,
-    USE_ROPE: tl.constexpr,
-    ROTATE_HALF: tl.constexpr,
 ):
     # the probabilities of ROWS queries from `start` on this program's keys, summed over the queries; the ragged
     # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets
     offs_m = start + tl.arange(0, ROWS)
     m_mask = offs_m < N
-    if QK_NORM or USE_ROPE:
-        q = _load_qk(
-            q_base,
-            offs_m,
-            stride_qn,
-            offs_d,
-            m_mask,
-            offs_d < HEAD_DIM,
-            HEAD_DIM,
-            QNW,
-            QNB,
-            norm_eps,
-            rope_base,
-            stride_ropem,
-            P,
-            QK_NORM,
-            USE_ROPE,
-            ROTATE_HALF,
-        )
-    elif MASK:
+    if MASK:
         q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
     else:
         q = _load_tile(
@@ -529,11 +474,6 @@ def attn_received_kernel(
     RK,
     LSE,
     RECEIVED,
-    QNW,
-    QNB,
-    KNW,
-    KNB,
-    ROPE,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -543,15 +483,11 @@ def attn_received_kernel(
     stride_rkb,
     stride_rkr,
     stride_rkh,
-    stride_ropeb,
-    stride_ropeh,
-    stride_ropem,
     H,
     N,
     R,
     P,
     qk_scale_log2,
-    norm_eps,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KEYS: tl.constexpr,
@@ -560,9 +496,6 @@ def attn_received_kernel(
     HAS_TAIL: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    QK_NORM: tl.constexpr,
-    USE_ROPE: tl.constexpr,
-    ROTATE_HALF: tl.constexpr,
 ):
     # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
     # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
@@ -570,10 +503,9 @@ def attn_received_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     k_base = b * stride_kb + h * stride_kh
-    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
     if SMALL_SEGMENT:
         cols = offs_j
-        k = _load_small_segment_keys(
+        k = _load_small_segment(
             K,
             RK,
             k_base,
@@ -585,32 +517,10 @@ def attn_received_kernel(
             d_mask,
             R,
             P,
-            HEAD_DIM,
-            KNW,
-            KNB,
-            norm_eps,
-            QK_NORM,
         )
     else:
         cols = R + offs_j
-        k = _load_qk(
-            K + k_base,
-            offs_j,
-            stride_kn,
-            offs_d,
-            valid,
-            d_mask,
-            HEAD_DIM,
-            KNW,
-            KNB,
-            norm_eps,
-            rope_base,
-            stride_ropem,
-            P,
-            QK_NORM,
-            USE_ROPE,
-            ROTATE_HALF,
-        )  # [BLOCK_KEYS, BLOCK_D]
+        k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
     colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
     q_offs = _tile_offsets(tl.arange(0, BLOCK_M), stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
@@ -618,13 +528,13 @@ def attn_received_kernel(
     end_full = (N // BLOCK_M) * BLOCK_M
     for start in range(0, end_full, BLOCK_M):
         colsum = _received_query_tile(
-            k, colsum, q_base, q_offs, start, N, P, stride_qn, offs_d, lse_bh, qk_scale_log2, QNW, QNB, norm_eps,
-            rope_base, stride_ropem, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF,
+            k, colsum, q_base, q_offs, start, N, stride_qn, offs_d, lse_bh, qk_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_D,
+            False, DOT_PRECISION,
         )  # fmt: skip
     if HAS_TAIL:
         colsum = _received_query_tile(
-            k, colsum, q_base, q_offs, end_full, N, P, stride_qn, offs_d, lse_bh, qk_scale_log2, QNW, QNB, norm_eps,
-            rope_base, stride_ropem, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, QK_NORM, USE_ROPE, ROTATE_HALF,
+            k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse_bh, qk_scale_log2, HEAD_DIM, TAIL_ROWS,
+            BLOCK_D, True, DOT_PRECISION,
         )  # fmt: skip
     tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
 
@@ -932,6 +842,8 @@ def loop_trip_counts(kernel_name: str, args: dict) -> tuple[int, ...]:
     included): what ``regkern bench --static`` multiplies the SASS loop bodies by. Peeled ragged tiles are outside
     the loops."""
     N, P = int(args["N"]), int(args["P"])
+    if kernel_name == "attn_prologue_kernel":
+        return ()
     if kernel_name == "attn_fwd_kernel":
         return ((N - P) // int(args["BLOCK_N"]),)
     if kernel_name == "attn_received_kernel":
@@ -1000,6 +912,62 @@ def _norm_params(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], d
     return w.contiguous(), b.contiguous()
 
 
+def qk_prologue(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: Optional[torch.Tensor],
+    q_norm_bias: Optional[torch.Tensor],
+    k_norm_weight: Optional[torch.Tensor],
+    k_norm_bias: Optional[torch.Tensor],
+    norm_eps: float,
+    qk_norm: bool,
+    rope: Optional[torch.Tensor],
+    num_prefix: int,
+    rotate_half: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.qk_prologue`` of q and k in one pre-pass kernel, once per token: q', k' (B, N, H, d) contiguous in
+    the input dtype. The forward runs it before its attention passes; the backward recomputes q', k' with it."""
+    q, k = _last_dim_unit_stride(q), _last_dim_unit_stride(k)
+    B, N, H, d = q.shape
+    qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
+    knw, knb = _norm_params(k_norm_weight, k_norm_bias, d, q)
+    rope_t, srope = _rope_view(rope, B, H, num_prefix, q)
+    q_out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((B, N, H, d), dtype=k.dtype, device=k.device)
+    cfg = _config("prologue", q)
+    attn_prologue_kernel[(triton.cdiv(N, cfg.block_m) * B * H,)](
+        q,
+        k,
+        q_out,
+        k_out,
+        qnw,
+        qnb,
+        knw,
+        knb,
+        rope_t,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        *srope,
+        H,
+        N,
+        num_prefix,
+        norm_eps,
+        HEAD_DIM=d,
+        BLOCK_T=cfg.block_m,
+        BLOCK_D=_pow2_at_least(d),
+        QK_NORM=bool(qk_norm),
+        USE_ROPE=rope is not None,
+        ROTATE_HALF=bool(rotate_half),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return q_out, k_out
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1024,8 +992,8 @@ def attention_forward(
     """Launch the forward kernel. Returns out (B, N, H, d) contiguous and lse (B, H, N) float32, written into the
     given buffers when passed (tests pre-fill them with NaN so unwritten elements show).
 
-    With ``qk_norm`` and/or ``rope`` the kernel applies ``reference.qk_prologue`` to Q and K tiles as it loads them
-    (per-head LayerNorm over d with the given affine parameters, then RoPE on tokens >= num_prefix); registers are
+    With ``qk_norm`` and/or ``rope``, ``qk_prologue`` first transforms q and k once per token (per-head LayerNorm over
+    d with the given affine parameters, then RoPE on tokens >= num_prefix; ``reference.qk_prologue``); registers are
     raw keys and get neither. The lse is that of the attention over the transformed q, k.
 
     ``stats``: any of "out_norm", "prefix_rows", "received" (see ``reference.AttentionStats``); then the call returns
@@ -1037,17 +1005,16 @@ def attention_forward(
     P = num_prefix
     rk, srk = _registers_view(reg_k, k)
     rv, srv = _registers_view(reg_v, v)
-    qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
-    knw, knb = _norm_params(k_norm_weight, k_norm_bias, d, q)
-    rope_t, srope = _rope_view(rope, B, H, P, q)
     out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if lse is None else lse
     want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
     out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
     prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
-    prologue_on = bool(qk_norm) or rope is not None
-    cfg = _config("forward_prologue" if prologue_on else "forward", q)
-    prologue = dict(QK_NORM=bool(qk_norm), USE_ROPE=rope is not None, ROTATE_HALF=bool(rotate_half))
+    if qk_norm or rope is not None:  # once per token; the attention passes then load plain q', k' tiles
+        q, k = qk_prologue(
+            q, k, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, P, rotate_half
+        )
+    cfg = _config("forward", q)
     args = (
         q,
         k,
@@ -1058,11 +1025,6 @@ def attention_forward(
         lse,
         out_sq,
         prefix_s,
-        qnw,
-        qnb,
-        knw,
-        knb,
-        rope_t,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -1074,7 +1036,6 @@ def attention_forward(
         v.stride(2),
         *srk,
         *srv,
-        *srope,
         H,
         N,
         R,
@@ -1091,7 +1052,6 @@ def attention_forward(
             HAS_SMALL=(R + P) > 0,
             HAS_TAIL=(N - P) % block_n != 0,
             DOT_PRECISION=_dot_precision(q.dtype),
-            **prologue,
             STAT_OUT_SQ=want_norm,
             STAT_PREFIX=record,
             num_warps=num_warps,
@@ -1104,7 +1064,7 @@ def attention_forward(
     if prefix_rows:
         block_p = _pow2_at_least(prefix_rows)
         record = options(block_p, min(cfg.block_n, 64), max(2, block_p // 16), min(cfg.num_stages, 2), True)
-        attn_fwd_kernel[(B * H,)](*args, 0, 1, scale * LOG2E, norm_eps, **record)
+        attn_fwd_kernel[(B * H,)](*args, 0, 1, scale * LOG2E, **record)
     if N > prefix_rows:
         tiles = triton.cdiv(N - prefix_rows, cfg.block_m)
         attn_fwd_kernel[(tiles * B * H,)](
@@ -1112,7 +1072,6 @@ def attention_forward(
             prefix_rows,
             tiles,
             scale * LOG2E,
-            norm_eps,
             **options(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False),
         )
     if not stats:
@@ -1130,11 +1089,6 @@ def attention_forward(
             rk,
             lse,
             received,
-            qnw,
-            qnb,
-            knw,
-            knb,
-            rope_t,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -1142,13 +1096,11 @@ def attention_forward(
             k.stride(1),
             k.stride(2),
             *srk,
-            *srope,
             H,
             N,
             R,
             P,
             scale * LOG2E,
-            norm_eps,
         )
         rcfg = _config("received", q)
         common = dict(
@@ -1160,7 +1112,6 @@ def attention_forward(
             DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=rcfg.num_warps,
             num_stages=rcfg.num_stages,
-            **prologue,
         )
         if N > P:
             attn_received_kernel[(triton.cdiv(N - P, rcfg.block_n) * B * H,)](

@@ -15,12 +15,13 @@ Layout of this file: kernels, then launchers. Op registration and autograd live 
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..dispatch import multiprocessor_count
 
 
 @triton.jit
@@ -147,17 +148,11 @@ def launch_config(C: int, device_type: str) -> tuple[int, int, int]:
     return block_r, block_c, num_warps
 
 
-@functools.cache
-def _backward_programs(device_type: str, index: Optional[int]) -> int:
+def _backward_programs(device: torch.device) -> int:
     """How many programs share the backward's rows (and so how many partial sums the launcher adds)."""
-    if device_type != "cuda":
+    if device.type != "cuda":
         return 4  # interpreter: several programs, each looping over several row blocks
-    return (
-        4
-        * torch.cuda.get_device_properties(
-            index if index is not None else torch.cuda.current_device()
-        ).multi_processor_count
-    )
+    return 4 * multiprocessor_count(device)
 
 
 def _rows_view(t: torch.Tensor, C: int) -> torch.Tensor:
@@ -237,7 +232,7 @@ def layer_norm_backward(
     has_w, has_b = weight is not None, bias is not None
     BLOCK_R, BLOCK_C, num_warps = launch_config(C, x.device.type)
     num_blocks = triton.cdiv(n_rows, BLOCK_R)
-    per_program = max(1, triton.cdiv(num_blocks, _backward_programs(x.device.type, x.device.index)))
+    per_program = max(1, triton.cdiv(num_blocks, _backward_programs(x.device)))
     programs = triton.cdiv(num_blocks, per_program)
     dw_partial = torch.empty((programs, C) if has_w else (0,), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, C) if has_b else (0,), dtype=torch.float32, device=x.device)
