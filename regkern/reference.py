@@ -345,7 +345,7 @@ def qk_prologue(
 ) -> torch.Tensor:
     """What timm does to q or k between the qkv projection and attention: per-head LayerNorm over d (``qk_norm``),
     then RoPE on the patch tokens (EvaAttention). t (B, N, H, d) -> (B, N, H, d) in t's dtype, rounded after each
-    step as timm rounds. The fused kernels apply exactly this when they load Q and K tiles."""
+    step as timm rounds. The Triton backend's pre-pass kernel applies exactly this, once per token."""
     if qk_norm:
         t = F.layer_norm(t, (t.shape[-1],), norm_weight, norm_bias, eps)
     if rope is not None:

@@ -71,8 +71,13 @@ SHAPES = (
     ("d128-1025", 1, 1025, 8, 128, 1),
 )
 
-#: usable registers and shared memory per SM, and the thread limit, by compute capability major
-_SM_LIMITS = {9: (65536, 228 * 1024, 2048, 32), 8: (65536, 164 * 1024, 2048, 32)}
+#: registers, shared memory, threads and blocks per SM by compute capability (sm_86/89: 100 KB, 1536 threads)
+_SM_LIMITS = {
+    90: (65536, 228 * 1024, 2048, 32),
+    80: (65536, 164 * 1024, 2048, 32),
+    86: (65536, 100 * 1024, 1536, 16),
+    89: (65536, 100 * 1024, 1536, 24),
+}
 
 
 @dataclass
@@ -251,7 +256,7 @@ def compile_launch(launch: Launch, arch: int, spec: Optional[Specialization] = N
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     warps = int(kernel.metadata.num_warps)
     shared = int(kernel.metadata.shared) + usage["shared"]
-    regs_per_sm, smem_per_sm, threads_per_sm, blocks_max = _SM_LIMITS[arch // 10]
+    regs_per_sm, smem_per_sm, threads_per_sm, blocks_max = _SM_LIMITS[arch]
     threads = 32 * warps
     by_regs = regs_per_sm // max(1, usage["reg"] * threads)
     by_smem = smem_per_sm // shared if shared else blocks_max

@@ -157,7 +157,7 @@ class RegisterAttentionBase(nn.Module):
         if all(isinstance(n, nn.Identity) for n in norms):
             return (
                 True,
-                f"no q_norm/k_norm{rope} inside the attention op (its prologue pre-pass)"
+                "no q_norm/k_norm; RoPE inside the attention op (its prologue pre-pass)"
                 if rope
                 else "no q_norm/k_norm",
             )

@@ -1,6 +1,12 @@
-"""Every Triton kernel configuration the launchers ship, compiled without a GPU for sm_90 and sm_80 with the run-time
-specialization (``regkern bench --static``'s records): no spills, shared memory within the SM's limit, at least one
-block per SM, and wgmma on sm_90 wherever the MMA's M dimension allows it."""
+"""The Triton kernel configurations the launchers ship, compiled without a GPU with the run-time specialization
+(``regkern bench --static``'s records):
+
+- bf16 at every benchmark shape for sm_90 and sm_80 (the report), and the d = 128 shape for sm_86 (100 KB of shared
+  memory): no spills, shared memory within the limit, at least one block per SM, wgmma on sm_90 wherever the MMA's
+  M dimension allows it;
+- float32 at d = 64 and d = 128 for sm_90, sm_80 and sm_86: launchable (shared memory within the limit, a block per
+  SM). Float32 keeps exact (ieee) products, which Triton computes with FMAs rather than tensor cores; those kernels
+  are register-bound and spill, and are not a speed path."""
 
 import json
 import os
@@ -15,7 +21,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 #: opt-in shared memory per block (bytes)
-SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024, "sm_86": 99 * 1024}
 
 
 def mma_rows(record: dict) -> int:
@@ -24,22 +30,38 @@ def mma_rows(record: dict) -> int:
     return blocks["BLOCK_KEYS"] if "BLOCK_KEYS" in blocks else blocks.get("BLOCK_M", 0)
 
 
-@pytest.fixture(scope="module")
-def records():
+def compiled(code: str) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (
-        "import json, sys\n"
-        "from regkern.apps.static_report import static_report\n"
-        "json.dump(static_report((90, 80), progress=lambda s: None), sys.stdout)\n"
-    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=2400)
     assert out.returncode == 0, out.stderr[-6000:]
     return json.loads(out.stdout)
 
 
+@pytest.fixture(scope="module")
+def records():
+    return compiled(
+        "import json, sys\n"
+        "from regkern.apps.static_report import SHAPES, static_report\n"
+        "records = static_report((90, 80), progress=lambda s: None)\n"
+        "records += static_report((86,), shapes=[s for s in SHAPES if s[4] == 128], progress=lambda s: None)\n"
+        "json.dump(records, sys.stdout)\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def float32_records():
+    return compiled(
+        "import json, sys, torch\n"
+        "from regkern.apps.static_report import SHAPES, static_report\n"
+        "shapes = [s for s in SHAPES if s[0] in ('vitb14reg4-224', 'd128-1025')]\n"
+        "records = static_report((90, 80, 86), dtype=torch.float32, shapes=shapes, progress=lambda s: None)\n"
+        "json.dump(records, sys.stdout)\n"
+    )
+
+
 @pytest.mark.slow
 def test_every_shipped_configuration_compiles_without_spills_within_shared_memory(records):
-    assert {r["arch"] for r in records} == {"sm_90", "sm_80"}
+    assert {r["arch"] for r in records} == {"sm_90", "sm_80", "sm_86"}
     assert {r["kernel"] for r in records} >= {
         "attn_fwd_kernel",
         "attn_received_kernel",
@@ -74,3 +96,14 @@ def test_attention_kernels_use_wgmma_on_hopper_where_the_tile_allows(records):
         if (mma_rows(r) >= 64 and r["mma_kind"] != "wgmma") or r["mma_kind"] == "none"
     ]
     assert not lost, "\n".join(lost)
+
+
+@pytest.mark.slow
+def test_float32_configurations_launch_on_every_architecture(float32_records):
+    assert {r["arch"] for r in float32_records} == {"sm_90", "sm_80", "sm_86"}
+    too_big = [
+        f"{r['arch']} {r['shape']} {r['variant']} {r['kernel']} {r['blocks']}: shared {r['shared_bytes']} B"
+        for r in float32_records
+        if r["shared_bytes"] > SHARED_LIMIT[r["arch"]] or r["blocks_per_sm"] < 1
+    ]
+    assert not too_big, "\n".join(too_big)

@@ -7,7 +7,7 @@ architecture it targets (``regkern.ops.dispatch.compile_target``). Under the Tri
 keep CPU tests fast.
 
 Roles (what each config's fields mean):
-    forward            query tile BLOCK_M, key tile BLOCK_N (attn_fwd_kernel without a prologue)
+    forward            query tile BLOCK_M, key tile BLOCK_N (attn_fwd_kernel)
     prologue           the qk_norm / RoPE pre-pass: BLOCK_M tokens per program (BLOCK_N unused)
     received           query tile BLOCK_M per step, BLOCK_N keys per program (attn_received_kernel)
     backward_dkdv      query tile BLOCK_M per step, BLOCK_N keys per program (attn_bwd_dkdv_kernel)
@@ -88,13 +88,15 @@ TABLE: tuple[ConfigRule, ...] = (
     _rule("forward", _HOPPER, _HALF, 128, (0, _INF), 128, 128, 8, 2),
     _rule("forward", _AMPERE, _HALF, 64, (0, 512), 64, 64, 4, 3),
     _rule("forward", _AMPERE, _HALF, 128, (0, _INF), 128, 64, 8, 3),
-    _rule("forward", _ANY, _FP32, 64, (0, _INF), 64, 32, 4, 3),
-    _rule("forward", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
+    # float32 (4-byte tiles, tf32/ieee MMA) and anything else: small tiles that fit every architecture's shared
+    # memory without spills
+    _rule("forward", _ANY, _FP32, 64, (0, _INF), 64, 32, 4, 2),
+    _rule("forward", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),
     # the qk_norm / RoPE pre-pass: BLOCK_M tokens of one (batch, head) per program
     _rule("prologue", _ANY, _ALL, 1 << 30, (0, _INF), 16, 64, 1, 1),
     # received: BLOCK_N keys per program, BLOCK_M queries per step
     _rule("received", _ANY, _HALF, 128, (0, _INF), 128, 64, 4, 3),
-    _rule("received", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
+    _rule("received", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),
     # backward dK/dV: on Hopper each warpgroup owns 64 keys (no warpgroup recomputes another's tile); Ampere's
     # mma.sync accumulators live in registers, so it takes 32-query steps
     _rule("backward_dkdv", _HOPPER, _HALF, 64, (0, 512), 64, 64, 4, 3),
@@ -102,14 +104,14 @@ TABLE: tuple[ConfigRule, ...] = (
     _rule("backward_dkdv", _HOPPER, _HALF, 128, (0, _INF), 32, 64, 4, 2),
     _rule("backward_dkdv", _AMPERE, _HALF, 64, (0, _INF), 32, 64, 4, 2),
     _rule("backward_dkdv", _AMPERE, _HALF, 128, (0, _INF), 64, 32, 8, 2),
-    _rule("backward_dkdv", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
+    _rule("backward_dkdv", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),
     # backward dQ
     _rule("backward_dq", _HOPPER, _HALF, 64, (0, 512), 64, 64, 4, 3),
     _rule("backward_dq", _HOPPER, _HALF, 64, (512, _INF), 128, 128, 8, 2),
     _rule("backward_dq", _HOPPER, _HALF, 128, (0, _INF), 128, 64, 8, 2),
     _rule("backward_dq", _AMPERE, _HALF, 64, (0, _INF), 64, 64, 4, 2),
     _rule("backward_dq", _AMPERE, _HALF, 128, (0, _INF), 64, 64, 8, 2),
-    _rule("backward_dq", _ANY, _ALL, 1 << 30, (0, _INF), 64, 32, 4, 3),
+    _rule("backward_dq", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),
 )
 
 #: The interpreter's tiles: small, so that CPU tests stay fast.

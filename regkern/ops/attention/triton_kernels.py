@@ -5,8 +5,9 @@ Keys are split into two segments so that patch tiles stay aligned:
                    one tile of BLOCK_S >= R + P keys
     patch segment  tokens P .. N-1 in BLOCK_N tiles starting at P: a 261-token ViT-B/14-reg4 sequence (P = 5,
                    M = 256) runs 16 + 256 key columns instead of padding 261 to 320 or 384
-Queries are tiled from row 0. q, k, v are read as strided (B, N, H, d) views (last stride 1), registers as
-(B, R, H, d) with batch stride 0 when shared. out is written contiguous (B, N, H, d); lse (B, H, N) float32 is the
+Queries are tiled from row 0 (with prefix_rows: the prefix rows in a launch of their own, the rest from there on).
+q, k, v are read as strided (B, N, H, d) views (last stride 1), registers as (B, R, H, d) with batch stride 0 when
+shared. out is written contiguous (B, N, H, d); lse (B, H, N) float32 is the
 natural-log sum-exp that the backward recomputes probabilities from.
 
 Layout of this file: kernels, then launchers. Op registration and autograd live in ``regkern.ops.attention.op``.
@@ -193,7 +194,7 @@ def _tile_offsets(rows, row_stride, offs_d):
 
 
 @triton.jit
-def _kv_tile_ptrs(base, start, row_stride, hoisted, offs_n, offs_d, BLOCK_D: tl.constexpr):
+def _row_tile_ptrs(base, start, row_stride, hoisted, offs_n, offs_d, BLOCK_D: tl.constexpr):
     # [rows, BLOCK_D] pointers of the rows from `start` (keys, values; queries in the key-major passes): the scalar
     # row offset first, then the offsets
     # hoisted out of the loop (at d <= 64); at d = 128 the hoisted tile would hold registers that then spill
@@ -264,7 +265,7 @@ def _fwd_patch_tile(
     offs_n = start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k = _load_tile(
-        _kv_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
+        _row_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
         n_mask,
         offs_d,
         HEAD_DIM,
@@ -272,7 +273,7 @@ def _fwd_patch_tile(
         MASK,
     )
     v = _load_tile(
-        _kv_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
+        _row_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
         n_mask,
         offs_d,
         HEAD_DIM,
@@ -452,7 +453,7 @@ def _received_query_tile(
         q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
     else:
         q = _load_tile(
-            _kv_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
+            _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
             m_mask,
             offs_d,
             HEAD_DIM,
@@ -572,7 +573,7 @@ def _dkdv_query_tile(
         do = _load_tile(do_base + _tile_offsets(offs_m, stride_don, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
     else:
         q = _load_tile(
-            _kv_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
+            _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
             m_mask,
             offs_d,
             HEAD_DIM,
@@ -580,7 +581,7 @@ def _dkdv_query_tile(
             False,
         )  # [ROWS, BLOCK_D]
         do = _load_tile(
-            _kv_tile_ptrs(do_base, start, stride_don, do_offs, offs_m, offs_d, BLOCK_D),
+            _row_tile_ptrs(do_base, start, stride_don, do_offs, offs_m, offs_d, BLOCK_D),
             m_mask,
             offs_d,
             HEAD_DIM,
@@ -639,9 +640,7 @@ def attn_bwd_dkdv_kernel(
 ):
     # One program owns BLOCK_KEYS patch keys from P and loops over all queries. (The small segment's key gradients
     # come from attn_bwd_dq_kernel, which has its probabilities at hand.)
-    pid_n, pid_bh, b, h = _program_coords(tl.cdiv(N - P, BLOCK_KEYS), H)
-    offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
-    valid = offs_j < N
+    pid_bh, b, h, offs_j, valid = _key_tile(N, P, 0, H, BLOCK_KEYS, False)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     k = _load_rows(K + b * stride_kb + h * stride_kh, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
@@ -703,7 +702,7 @@ def _dq_key_tile(
     offs_n = start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k = _load_tile(
-        _kv_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
+        _row_tile_ptrs(k_base, start, stride_kn, kv_offs_k, offs_n, offs_d, BLOCK_D),
         n_mask,
         offs_d,
         HEAD_DIM,
@@ -711,7 +710,7 @@ def _dq_key_tile(
         MASK,
     )  # [BLOCK_N, BLOCK_D]
     v = _load_tile(
-        _kv_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
+        _row_tile_ptrs(v_base, start, stride_vn, kv_offs_v, offs_n, offs_d, BLOCK_D),
         n_mask,
         offs_d,
         HEAD_DIM,
@@ -801,7 +800,7 @@ def attn_bwd_dq_kernel(
         # this query tile's share of the small segment's dV and dK (transposed, so that M = d suits wgmma); the
         # launcher sums the shares over the query tiles
         dv_small = tl.dot(tl.trans(do), p_small.to(do.dtype), input_precision=DOT_PRECISION)  # [BLOCK_D, BLOCK_S]
-        dk_small = tl.dot(tl.trans(q), ds_small.to(q.dtype), input_precision=DOT_PRECISION)
+        dk_small = tl.dot(tl.trans(q), ds_small.to(q.dtype), input_precision=DOT_PRECISION) * scale
         share = SMALL_GRAD + (pid_bh * tl.cdiv(N, BLOCK_M) + pid_m) * (2 * BLOCK_D * BLOCK_S)
         share_offs = offs_d[:, None] * BLOCK_S + offs_s[None, :]  # [BLOCK_D, BLOCK_S]
         tl.store(share + share_offs, dv_small)
@@ -1060,9 +1059,9 @@ def attention_forward(
 
     # with prefix_rows, the first rows (the prefix queries, padded to 16) record their scores in a small launch of
     # their own (64-key tiles keep its stores within registers); the rows from there on carry no store in their loop
-    prefix_rows = min(N, _pow2_at_least(P)) if want_prefix and P else 0
+    block_p = _pow2_at_least(P)
+    prefix_rows = min(N, block_p) if want_prefix and P else 0
     if prefix_rows:
-        block_p = _pow2_at_least(prefix_rows)
         record = options(block_p, min(cfg.block_n, 64), max(2, block_p // 16), min(cfg.num_stages, 2), True)
         attn_fwd_kernel[(B * H,)](*args, 0, 1, scale * LOG2E, **record)
     if N > prefix_rows:
@@ -1190,7 +1189,8 @@ def attention_backward(
             **common,
         )
     # the dQ kernel also writes each query tile's share of the small segment's dV, dK (transposed): (B*H, tiles,
-    # [dV, dK], BLOCK_D, BLOCK_S) float32, summed below
+    # [dV, dK], BLOCK_D, BLOCK_S) float32, summed below (8 KB per query tile and head at d = 64 with 16 small keys,
+    # a few percent of dK's size; deterministic, unlike atomics)
     q_tiles = triton.cdiv(N, q_cfg.block_m)
     small_grad = torch.empty(
         (B * H, q_tiles, 2, BLOCK_D, BLOCK_S) if R + P else (1,), dtype=torch.float32, device=q.device
@@ -1230,7 +1230,7 @@ def attention_backward(
     if R + P:
         # (B, R + P, H, d): the registers' rows, then the prefix tokens'
         shares = small_grad.sum(1).view(B, H, 2, BLOCK_D, BLOCK_S)[..., :d, : R + P].permute(2, 0, 4, 1, 3)
-        dv_small, dk_small = shares[0], shares[1] * scale
+        dv_small, dk_small = shares[0], shares[1]
         dk[:, :P] = dk_small[:, R:]
         dv[:, :P] = dv_small[:, R:]
         if R:

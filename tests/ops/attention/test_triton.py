@@ -205,6 +205,8 @@ PROLOGUE_CASES = [
     (2, 9, 1, 32, 0, 1, True, False, False, "fp16"),
     (1, 21, 1, 72, 1, 5, False, True, True, "fp32"),
     (1, 13, 2, 16, 2, 0, True, True, True, "fp16"),
+    (1, 19, 1, 72, 2, 3, True, True, True, "fp32"),  # padded columns out of the LayerNorm variance
+    (1, 23, 1, 72, 0, 2, True, True, False, "fp32"),
 ]
 
 
@@ -406,6 +408,7 @@ STATS_CASES = [
     (1, 197, 1, 64, 1, 1, True, "fp32", False),
     (1, 261, 1, 64, 4, 5, False, "fp16", False),
     (1, 33, 2, 32, 2, 5, True, "fp32", True),
+    (1, 57, 1, 32, 4, 20, True, "fp32", False),  # a 32-row prefix-row launch; the other rows from row 32
 ]
 
 
