@@ -14,6 +14,10 @@ Roles (what each config's fields mean):
     backward_dq        query tile BLOCK_M, key tile BLOCK_N (attn_bwd_dq_kernel; it also computes the small
                        segment's dK, dV shares)
 
+Besides these tiles, the launchers specialise on whether N (or N - P) leaves a ragged last tile and on its size
+rounded up to a power of two (``HAS_TAIL``, ``TAIL_ROWS``): Triton compiles one variant per such class of N, a
+handful per model.
+
 The figures behind the choices are static (registers, spills, shared memory, issued instructions; see
 ``benchmarks/results/static``) until a GPU measures them.
 """

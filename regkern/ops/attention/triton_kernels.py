@@ -449,20 +449,12 @@ def _received_query_tile(
     # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets
     offs_m = start + tl.arange(0, ROWS)
     m_mask = offs_m < N
-    if MASK:
-        q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
-    else:
-        q = _load_tile(
-            _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
-            m_mask,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            False,
-        )
     if MASK:  # padded queries get lse = +inf: probability 0
+        q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
         lse2 = tl.load(LSE_BH + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
     else:
+        q_ptrs = _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D)
+        q = _load_tile(q_ptrs, m_mask, offs_d, HEAD_DIM, BLOCK_D, False)
         lse2 = tl.load(LSE_BH + offs_m) * 1.4426950408889634
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
     return colsum + tl.sum(tl.exp2(st * qk_scale_log2 - lse2[None, :]), axis=1)
@@ -568,30 +560,16 @@ def _dkdv_query_tile(
     # Whole tiles use the hoisted offsets; the ragged last tile (MASK) is ROWS = the tail rounded up to a power of 2
     offs_m = start + tl.arange(0, ROWS)
     m_mask = offs_m < N
-    if MASK:
+    if MASK:  # padded queries: lse = +inf gives probability 0
         q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
         do = _load_tile(do_base + _tile_offsets(offs_m, stride_don, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
-    else:
-        q = _load_tile(
-            _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D),
-            m_mask,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            False,
-        )  # [ROWS, BLOCK_D]
-        do = _load_tile(
-            _row_tile_ptrs(do_base, start, stride_don, do_offs, offs_m, offs_d, BLOCK_D),
-            m_mask,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            False,
-        )
-    if MASK:  # padded queries: lse = +inf gives probability 0
         lse2 = tl.load(lse_bh + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_bh + offs_m, mask=m_mask, other=0.0)
     else:
+        q_ptrs = _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D)
+        do_ptrs = _row_tile_ptrs(do_base, start, stride_don, do_offs, offs_m, offs_d, BLOCK_D)
+        q = _load_tile(q_ptrs, m_mask, offs_d, HEAD_DIM, BLOCK_D, False)  # [ROWS, BLOCK_D]
+        do = _load_tile(do_ptrs, m_mask, offs_d, HEAD_DIM, BLOCK_D, False)
         lse2 = tl.load(lse_bh + offs_m) * 1.4426950408889634
         delta = tl.load(delta_bh + offs_m)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
