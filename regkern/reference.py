@@ -14,7 +14,7 @@ Layout conventions (same for every backend):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ __all__ = [
     "AttentionStats",
     "register_attention",
     "layer_norm_with_norms",
+    "NormStatistics",
+    "norm_statistics",
     "embed_tokens",
     "apply_rope",
 ]
@@ -197,6 +199,60 @@ def layer_norm_with_norms(
     y = F.layer_norm(xf, (C,), w, b, eps).to(x.dtype)
     norms = torch.linalg.vector_norm(xf, dim=-1).float()
     return y, norms
+
+
+class NormStatistics(NamedTuple):
+    """What ``norm_statistics`` returns, per token group (CLS, registers, patches): G = 3 rows each."""
+
+    count: torch.Tensor  # (G,) int64: tokens
+    total: torch.Tensor  # (G,) float64: sum of norms
+    total_sq: torch.Tensor  # (G,) float64: sum of squared norms
+    maximum: torch.Tensor  # (G,) float32: largest norm (0 for an empty group)
+    outliers: torch.Tensor  # (G,) int64: norms > threshold
+    histogram: torch.Tensor  # (G, len(inner_edges) + 1) int64: tokens per bin
+
+
+def norm_statistics(
+    norms: torch.Tensor,
+    num_cls: int,
+    num_prefix: int,
+    threshold,
+    inner_edges: torch.Tensor,
+) -> NormStatistics:
+    """The norm monitor's reduction of one batch of token norms, per token group.
+
+    Args:
+        norms: (B, N) float32 token norms; token n belongs to group 0 (CLS) if n < num_cls, 1 (registers) if
+            n < num_prefix, else 2 (patches).
+        threshold: a float or 0-dim tensor; a norm above it is an outlier.
+        inner_edges: (bins - 1,) ascending float32 bin edges; a norm falls into bin i when exactly i edges lie
+            strictly below it (``torch.bucketize(norm, inner_edges)``), so bins 0 and bins - 1 hold what lies beyond.
+
+    Vectorised (one pass per statistic, every group at once) and free of host synchronisation.
+    """
+    B, N = norms.shape
+    device = norms.device
+    token = torch.arange(N, device=device)
+    group = ((token >= num_cls).long() + (token >= num_prefix).long()).expand(B, N).reshape(-1)  # (B * N,)
+    flat = norms.reshape(-1).float()
+    G, bins = 3, inner_edges.numel() + 1
+
+    def per_group(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(G, dtype=dtype, device=device).index_add_(0, group, values.to(dtype))
+
+    wide = flat.double()
+    maximum = torch.zeros(G, dtype=torch.float32, device=device).scatter_reduce_(0, group, flat, "amax")
+    bucket = torch.bucketize(flat, inner_edges.to(device=device, dtype=torch.float32))
+    histogram = torch.zeros(G * bins, dtype=torch.int64, device=device)
+    histogram.index_add_(0, group * bins + bucket, torch.ones_like(bucket))
+    return NormStatistics(
+        count=per_group(torch.ones_like(group), torch.int64),
+        total=per_group(wide, torch.float64),
+        total_sq=per_group(wide * wide, torch.float64),
+        maximum=maximum,
+        outliers=per_group(flat > threshold, torch.int64),
+        histogram=histogram.view(G, bins),
+    )
 
 
 def embed_tokens(

@@ -201,3 +201,22 @@ def test_apply_rope_matches_timm():
         th = t.transpose(1, 2)
         want = torch.cat([th[:, :, :P], apply_rot_embed_cat(th[:, :, P:], rope, half=half)], 2).transpose(1, 2)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_norm_statistics_equals_a_per_group_loop():
+    """The vectorised monitor reduction against a plain per-group computation (empty groups included)."""
+    g = torch.Generator().manual_seed(0)
+    edges = torch.logspace(-2, 4, 49, dtype=torch.float64)[1:-1].float()
+    for num_cls, num_prefix in ((1, 5), (0, 0), (0, 4), (1, 1)):
+        norms = torch.rand(3, 23, generator=g) * 300
+        stats = reference.norm_statistics(norms, num_cls, num_prefix, 150.0, edges)
+        parts = (norms[:, :num_cls], norms[:, num_cls:num_prefix], norms[:, num_prefix:])
+        for i, part in enumerate(parts):
+            x = part.reshape(-1)
+            assert int(stats.count[i]) == x.numel()
+            assert int(stats.outliers[i]) == int((x > 150.0).sum())
+            assert float(stats.maximum[i]) == (float(x.max()) if x.numel() else 0.0)
+            assert float(stats.total[i]) == pytest.approx(float(x.double().sum()), rel=1e-12)
+            assert float(stats.total_sq[i]) == pytest.approx(float(x.double().square().sum()), rel=1e-12)
+            hist = torch.bincount(torch.bucketize(x, edges), minlength=edges.numel() + 1)
+            assert torch.equal(stats.histogram[i], hist)

@@ -353,8 +353,28 @@ def _layer_norm_cases(dtype) -> list[_Case]:
             stats = torch.empty(8, 261, dtype=torch.float32, device="cuda")
             kernels.layer_norm_backward(x, x, w, w, stats, stats)
 
+        def monitored(C=C):
+            from ..ops.layer_norm import NormAccumulators
+
+            x = torch.empty(8, 261, C, dtype=dtype, device="cuda")
+            w = torch.empty(C, dtype=dtype, device="cuda")
+
+            def buf(*shape, dtype):
+                return torch.empty(shape, dtype=dtype, device="cuda")
+
+            i64, f64 = torch.int64, torch.float64
+            acc = NormAccumulators(
+                1, 5, 150.0, buf(47, dtype=torch.float32), buf(3, dtype=i64), buf(3, dtype=f64), buf(3, dtype=f64),
+                buf(3, dtype=torch.float32), buf(3, dtype=i64), buf(3, 48, dtype=i64),
+            )  # fmt: skip
+            kernels.layer_norm_forward_monitored(x, w, w, 1e-6, acc)
+
         dt = str(dtype).replace("torch.", "")
-        cases += [_Case("layer_norm_forward", run, f"C{C}", dt), _Case("layer_norm_backward", backward, f"C{C}", dt)]
+        cases += [
+            _Case("layer_norm_forward", run, f"C{C}", dt),
+            _Case("layer_norm_forward_monitored", monitored, f"C{C}", dt),
+            _Case("layer_norm_backward", backward, f"C{C}", dt),
+        ]
     return cases
 
 

@@ -9,6 +9,12 @@ attention rows of the prefix queries (the CLS/register attention maps).
 
 Everything stays on the device in preallocated buffers, with no host synchronisation inside forward (CUDA-graph
 capture of a monitored model works); ``report()`` copies once to the host.
+
+Per monitored layer and batch: the LayerNorm kernel (Triton) reduces the norms into the accumulators in the pass that
+normalises (count, sum, sum of squares, max, outliers, histogram; atomics), and one ``topk`` over the (B, N - P) patch
+norms it writes keeps the largest. The PyTorch reduction ``reference.norm_statistics`` is the reference (and the path
+of the "reference" and "cuda" LayerNorm backends). With a relative threshold the outliers need the batch's median
+patch norm, so they are counted after the kernel, from its norms (a few small ops, exact).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import MonitoredLayerNorm, RegisterAttentionBase
+from ..ops.layer_norm import NormAccumulators
 from ..timm.patching import patch_attention
 
 __all__ = ["NormMonitor", "NormReport", "GROUPS", "ATTENTION_GROUPS"]
@@ -103,6 +110,9 @@ class NormMonitor:
             keys in the Triton kernel).
         attention_maps: keep the last attention rows of the prefix queries (needs CLS or registers).
         enabled: start collecting now (else call ``enable()``).
+        norm_backend: LayerNorm backend of the ``MonitoredLayerNorm``s that replace each block's ``norm1`` (None /
+            "auto": "triton" on CUDA, where the reduction runs inside the kernel; "reference" elsewhere; "triton"
+            on CPU tensors runs the interpreter under TRITON_INTERPRET=1).
 
     Shapes: norms are taken per token (B, N); ``attention_maps()`` returns (B, H, P, grid_h, grid_w).
     """
@@ -119,6 +129,7 @@ class NormMonitor:
         attention_share: bool = True,
         attention_maps: bool = True,
         enabled: bool = True,
+        norm_backend: Optional[str] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -154,7 +165,12 @@ class NormMonitor:
                 )
             norm = block.norm1
             self._original_norms.append(norm)
-            block.norm1 = norm if isinstance(norm, MonitoredLayerNorm) else MonitoredLayerNorm.from_layer_norm(norm)
+            if isinstance(norm, MonitoredLayerNorm):
+                if norm_backend is not None:
+                    norm.set_backend(norm_backend)
+                block.norm1 = norm
+            else:
+                block.norm1 = MonitoredLayerNorm.from_layer_norm(norm, backend=norm_backend)
             self.attentions.append(attn)
         stats = []
         if attention_share:
@@ -174,12 +190,30 @@ class NormMonitor:
         self.outliers = torch.zeros(L, G, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(L, G, bins, dtype=torch.int64, device=device)
         self.top_norms = torch.full((L, top_k), -1.0, dtype=torch.float32, device=device)
-        self.top_positions = torch.full((L, top_k, 2), -1, dtype=torch.int64, device=device)
+        #: flat indices into the last batch's (B, N - P) patch norms; decoded by ``report()``
+        self.top_indices = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
+        self._patches_per_image: dict[int, int] = {}
         self.share_sum = torch.zeros(L, len(ATTENTION_GROUPS), dtype=torch.float64, device=device)
         self.share_count = torch.zeros(L, dtype=torch.int64, device=device)
         self.last_prefix_rows: dict[int, torch.Tensor] = {}
-        #: the last batch's token norms (B, N) entering each block (references, no copies)
-        self.last_norms: dict[int, torch.Tensor] = {}
+        #: the last batch's patch-token norms (B, N - P) entering each block (the kernel's output, no copies)
+        self.last_patch_norms: dict[int, torch.Tensor] = {}
+        threshold = self.threshold if self.relative is None else math.inf  # relative: counted after the kernel
+        self._accumulators = [
+            NormAccumulators(
+                self.has_cls,
+                self.num_prefix,
+                threshold,
+                self._inner_edges,
+                self.count[i],
+                self.sum[i],
+                self.sum_sq[i],
+                self.max[i],
+                self.outliers[i],
+                self.histogram[i],
+            )  # fmt: skip
+            for i in range(L)
+        ]
         self.enabled = False
         if enabled:
             self.enable()
@@ -190,31 +224,21 @@ class NormMonitor:
         return (slice(0, self.has_cls), slice(self.has_cls, self.num_prefix), slice(self.num_prefix, n))
 
     @torch.no_grad()
-    def _record_norms(self, layer: int, norms: torch.Tensor) -> None:
-        norms = norms.reshape(norms.shape[0], -1).float()  # (B, N)
-        self.last_norms[layer] = norms
-        patches = norms[:, self.num_prefix :]
-        threshold = self.threshold if self.relative is None else self.relative * patches.median()
-        for g, part in enumerate(self._group_slices(norms.shape[1])):
-            x = norms[:, part]
-            if x.numel() == 0:
-                continue
-            self.count[layer, g] += x.numel()
-            self.sum[layer, g] += x.sum(dtype=torch.float64)
-            self.sum_sq[layer, g] += x.double().square().sum()
-            self.max[layer, g] = torch.maximum(self.max[layer, g], x.max())
-            self.outliers[layer, g] += (x > threshold).sum()
-            bucket = torch.bucketize(x.reshape(-1).contiguous(), self._inner_edges)
-            self.histogram[layer, g].index_add_(0, bucket, torch.ones_like(bucket))
-        if patches.numel():
-            k = min(self.top_k, patches.numel())
-            values, flat = patches.reshape(-1).topk(k)
-            M = patches.shape[1]
+    def _record_norms(self, layer: int, prefix_norms: torch.Tensor, patch_norms: torch.Tensor) -> None:
+        # the kernel has already added count, sum, sum_sq, max, histogram (and absolute-threshold outliers)
+        self.last_patch_norms[layer] = patch_norms
+        if not patch_norms.numel():
+            return
+        if self.relative is not None:
+            threshold = self.relative * patch_norms.median()
+            parts = (prefix_norms[:, : self.has_cls], prefix_norms[:, self.has_cls :], patch_norms)
+            self.outliers[layer] += torch.stack([(part > threshold).sum() for part in parts])
+        k = min(self.top_k, patch_norms.numel())
+        if k < self.top_k:
             self.top_norms[layer].fill_(-1.0)
-            self.top_positions[layer].fill_(-1)
-            self.top_norms[layer, :k] = values
-            self.top_positions[layer, :k, 0] = flat // M
-            self.top_positions[layer, :k, 1] = flat % M + self.num_prefix
+            self.top_indices[layer].fill_(-1)
+        torch.topk(patch_norms.view(-1), k, out=(self.top_norms[layer, :k], self.top_indices[layer, :k]))
+        self._patches_per_image[layer] = patch_norms.shape[1]
 
     @torch.no_grad()
     def _record_attention(self, layer: int, stats) -> None:
@@ -234,7 +258,8 @@ class NormMonitor:
     def enable(self) -> None:
         """Start collecting (sinks attached; attention backends re-chosen once for the statistics)."""
         for i, (block, attn) in enumerate(zip(self.blocks, self.attentions)):
-            block.norm1.norm_sink = _LayerSink(self._record_norms, i)
+            block.norm1.norm_accumulators = self._accumulators[i]
+            block.norm1.group_norm_sink = _LayerSink(self._record_norms, i)
             if self.attention_stats:
                 attn.set_monitoring(self.attention_stats, _LayerSink(self._record_attention, i))
         self.enabled = True
@@ -242,7 +267,8 @@ class NormMonitor:
     def disable(self) -> None:
         """Stop collecting; the model runs exactly as unmonitored (accumulated values are kept)."""
         for block, attn in zip(self.blocks, self.attentions):
-            block.norm1.norm_sink = None
+            block.norm1.norm_accumulators = None
+            block.norm1.group_norm_sink = None
             attn.set_monitoring()
         self.enabled = False
 
@@ -260,7 +286,7 @@ class NormMonitor:
         ):
             t.zero_()
         self.top_norms.fill_(-1.0)
-        self.top_positions.fill_(-1)
+        self.top_indices.fill_(-1)
         # last_prefix_rows are the latest observations, not accumulators: kept (a captured CUDA graph refills them)
 
     def remove(self) -> None:
@@ -281,7 +307,7 @@ class NormMonitor:
             "outliers",
             "histogram",
             "top_norms",
-            "top_positions",
+            "top_indices",
             "share_sum",
             "share_count",
         )
@@ -310,14 +336,11 @@ class NormMonitor:
                         "histogram": [int(c) for c in host["histogram"][layer, g]],
                     }
                 )
-        top = [
-            [
-                (float(v), int(p[0]), int(p[1]))
-                for v, p in zip(host["top_norms"][layer], host["top_positions"][layer])
-                if v >= 0
-            ]
-            for layer in range(len(self.blocks))
-        ]
+        top = []
+        for layer in range(len(self.blocks)):
+            M = self._patches_per_image.get(layer, 1)
+            pairs = zip(host["top_norms"][layer].tolist(), host["top_indices"][layer].long().tolist())
+            top.append([(v, i // M, i % M + self.num_prefix) for v, i in pairs if v >= 0])
         share = []
         if "received" in self.attention_stats:
             for layer in range(len(self.blocks)):
@@ -337,9 +360,9 @@ class NormMonitor:
     def norm_maps(self, layer: int = -1) -> torch.Tensor:
         """The last batch's patch-token norms entering block ``layer`` on the patch grid: (B, grid_h, grid_w)."""
         layer = range(len(self.blocks))[layer]
-        if layer not in self.last_norms:
+        if layer not in self.last_patch_norms:
             raise ValueError(f"layer: no norms recorded for layer {layer} yet (run a forward while enabled)")
-        patches = self.last_norms[layer][:, self.num_prefix :]
+        patches = self.last_patch_norms[layer]
         return patches.reshape(patches.shape[0], *self._grid(patches.shape[1]))
 
     def attention_maps(self, layer: int = -1) -> torch.Tensor:
@@ -357,10 +380,10 @@ class NormMonitor:
 
 
 class _LayerSink:
-    """A picklable, deep-copyable callable that forwards a layer's side output to the monitor."""
+    """A picklable, deep-copyable callable that forwards a layer's side outputs to the monitor."""
 
     def __init__(self, record, layer: int):
         self.record, self.layer = record, layer
 
-    def __call__(self, value) -> None:
-        self.record(self.layer, value)
+    def __call__(self, *values) -> None:
+        self.record(self.layer, *values)

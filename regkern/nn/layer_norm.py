@@ -3,7 +3,8 @@
 The LayerNorm before attention reads every token of the residual stream anyway, so the fused kernel
 (``regkern.ops.layer_norm``) records each token's input L2 norm in the same pass, where high-norm artifacts
 show, at no extra read of x. The norms go to ``module.norm_sink(norms)`` when a sink is set; the module's output
-is LayerNorm's, unchanged.
+is LayerNorm's, unchanged. With ``norm_accumulators`` set (what ``regkern.NormMonitor`` does), the same pass also
+reduces the norms per token group into the monitor's device buffers (``regkern.ops.layer_norm.layer_norm_monitored``).
 
 The LayerNorm backend is chosen once, at construction and again whenever the module moves (``.to()``, ``.cuda()``,
 ``.half()``), never inside forward.
@@ -16,7 +17,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..ops.layer_norm import DISPATCHER, check_layer_norm_backend_name, layer_norm_fwd, layer_norm_request
+from ..ops.layer_norm import (
+    DISPATCHER,
+    NormAccumulators,
+    apply_layer_norm_monitored,
+    check_layer_norm_backend_name,
+    layer_norm_fwd,
+    layer_norm_request,
+)
 
 __all__ = ["MonitoredLayerNorm"]
 
@@ -44,6 +52,11 @@ class MonitoredLayerNorm(nn.LayerNorm):
     Attributes:
         norm_sink: None (default) or a callable; ``forward(x)`` then calls ``norm_sink(norms)`` with the float32
             norms ``||x[..., :]||_2`` of shape x.shape[:-1], computed in the same pass (no host sync).
+        norm_accumulators: None (default) or a ``regkern.ops.layer_norm.NormAccumulators``; x must then be
+            (B, N, C), and each forward adds its token-norm statistics per group (CLS, registers, patches) to them in
+            the same pass (on "triton", inside the kernel).
+        group_norm_sink: None or a callable; with ``norm_accumulators`` set, ``forward`` calls
+            ``group_norm_sink(prefix_norms, patch_norms)`` with the (B, P) and (B, N - P) float32 norms.
         backend_name, backend_reason: the backend forward runs and why.
 
     Shapes: ``forward(x)`` takes x (..., C) and returns y of x's shape and dtype.
@@ -95,6 +108,8 @@ class MonitoredLayerNorm(nn.LayerNorm):
         check_layer_norm_backend_name(backend)  # unknown names fail now, not on .cuda()
         self.requested_backend = backend
         self.norm_sink: Optional[Callable[[torch.Tensor], object]] = None
+        self.norm_accumulators: Optional[NormAccumulators] = None
+        self.group_norm_sink: Optional[Callable[[torch.Tensor, torch.Tensor], object]] = None
         # a module without parameters has no device to follow: the constructor's device/dtype (default CPU)
         self._default_device = torch.device(device if device is not None else "cpu")
         self._default_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -137,6 +152,16 @@ class MonitoredLayerNorm(nn.LayerNorm):
             raise ValueError(
                 f"x: expected a last dim of {self.normalized_shape[0]} (normalized_shape), got shape {tuple(x.shape)}"
             )
+        if self.norm_accumulators is not None:
+            self.norm_accumulators.check(x)
+            y, prefix_norms, patch_norms = apply_layer_norm_monitored(
+                x, self.weight, self.bias, float(self.eps), self.norm_accumulators, self._backend_choice.name
+            )
+            if self.group_norm_sink is not None:
+                self.group_norm_sink(prefix_norms, patch_norms)
+            if self.norm_sink is not None:
+                self.norm_sink(torch.cat((prefix_norms, patch_norms), dim=1))
+            return y
         y, norms, _, _ = layer_norm_fwd(x, self.weight, self.bias, float(self.eps), self._backend_choice.name)
         if self.norm_sink is not None:
             self.norm_sink(norms)

@@ -185,7 +185,8 @@ def test_triton_path_monitor_matches_the_torch_path(images):
         with torch.no_grad():
             model.cls_token.normal_()
             model.reg_token.normal_()
-        model = regkern.patch_timm(model.eval().to(device), backend=backend, monitor={"threshold": 5.0})
+        options = {"threshold": 5.0, "norm_backend": "triton" if backend == "triton" else "reference"}
+        model = regkern.patch_timm(model.eval().to(device), backend=backend, monitor=options)
         with torch.no_grad():
             out = model(small)
         return out, regkern.get_monitor(model)
@@ -194,10 +195,17 @@ def test_triton_path_monitor_matches_the_torch_path(images):
     out_r, mon_r = monitored("torch")
     assert mon_t.attentions[0].backend_name == "triton"
     torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=1e-4)
+    assert mon_t.blocks[0].norm1.backend_name == "triton"  # the reduction inside the LayerNorm kernel
     rep_t, rep_r = mon_t.report(), mon_r.report()
     for a, b in zip(rep_t.rows, rep_r.rows):
-        assert a["count"] == b["count"]
+        assert (a["count"], a["outliers"], a["histogram"]) == (b["count"], b["outliers"], b["histogram"])
         assert math.isclose(a["mean"], b["mean"], rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(a["std"], b["std"], rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(a["max"], b["max"], rel_tol=1e-5, abs_tol=1e-6)
+    assert sum(r["outliers"] for r in rep_t.rows) > 0  # the threshold of 5 is crossed somewhere
+    for a, b in zip(rep_t.top_patches, rep_r.top_patches):
+        assert [p[1:] for p in a] == [p[1:] for p in b]
+        assert [p[0] for p in a] == pytest.approx([p[0] for p in b], rel=1e-5)
     for a, b in zip(rep_t.attention_share, rep_r.attention_share):
         for group in a:
             assert math.isclose(a[group], b[group], rel_tol=1e-4, abs_tol=1e-6)

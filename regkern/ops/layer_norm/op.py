@@ -2,6 +2,8 @@
 
     regkern::layer_norm_fwd(x, weight?, bias?, eps, impl) -> (y, norms, mean, rstd)
     regkern::layer_norm_bwd(dy, x, weight?, bias?, mean, rstd, eps, impl) -> (dx, dweight, dbias)
+    regkern::layer_norm_fwd_monitored(x, weight?, bias?, eps, impl, num_cls, num_prefix, threshold, inner_edges,
+        count!, total!, total_sq!, maximum!, outliers!, histogram!) -> (y, prefix_norms, patch_norms, mean, rstd)
 
 y has x's shape and dtype (contiguous); norms (each row's input L2 norm, an observation: not differentiable), mean
 and rstd (saved for the backward) are float32 of shape x.shape[:-1]. dweight/dbias come back as empty (0,) tensors
@@ -11,13 +13,20 @@ when weight/bias are absent (ops cannot return None).
 TRITON_INTERPRET=1), "cuda" (the extension's ``regkern::cuda_layer_norm_fwd``: its CUDA kernel, or its C++
 reference on CPU tensors; the backward runs the Triton kernel on CUDA tensors and the reference on the CPU) or
 "reference" (PyTorch, float32 math on any device; float64 inputs are computed in float64). Being opaque ops with fake
-implementations and registered autograd, they compose with ``torch.compile(fullgraph=True)``. Under CUDA autocast
-the forward runs in float32, as ``F.layer_norm`` does.
+implementations and registered autograd, they compose with ``torch.compile(fullgraph=True)``.
+
+``layer_norm_fwd_monitored`` is the forward with the norm monitor's reduction (``reference.norm_statistics``) added in
+place to the accumulators (x is (B, N, C)); it mutates its arguments, so its autograd (the same backward) is the
+``torch.autograd.Function`` in ``function.py``. "triton" fuses the reduction into the LayerNorm kernel (atomics);
+"cuda" and "reference" run their forward and then the reference reduction (the CUDA kernel has no fused twin yet).
+
+Under CUDA autocast the forward runs in float32, as ``F.layer_norm`` does.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -30,6 +39,8 @@ from . import cuda
 __all__ = [
     "layer_norm_fwd",
     "layer_norm_bwd",
+    "layer_norm_fwd_monitored",
+    "NormAccumulators",
     "check_layer_norm_inputs",
     "triton_kernels",
     "triton_problem",
@@ -97,6 +108,59 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _empty(like: Tensor) -> Tensor:
     # a fresh empty tensor per absent gradient: op outputs may not alias each other
     return like.new_empty((0,))
+
+
+@dataclass
+class NormAccumulators:
+    """Where the monitored LayerNorm adds one layer's norm statistics (``reference.norm_statistics``), in place.
+
+    Tokens n < num_cls are group 0 (CLS), n < num_prefix group 1 (registers), the rest group 2 (patches).
+    threshold: outliers are norms above it (``math.inf``: none counted, e.g. when the caller applies a relative
+    threshold itself). inner_edges: (bins - 1,) ascending float32 histogram edges on the device.
+    Buffers (on the device, usually rows of a monitor's (layers, 3, ...) tensors): count (3,) int64, total and
+    total_sq (3,) float64, maximum (3,) float32, outliers (3,) int64, histogram (3, bins) int64."""
+
+    num_cls: int
+    num_prefix: int
+    threshold: float
+    inner_edges: Tensor
+    count: Tensor
+    total: Tensor
+    total_sq: Tensor
+    maximum: Tensor
+    outliers: Tensor
+    histogram: Tensor
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        return self.count, self.total, self.total_sq, self.maximum, self.outliers, self.histogram
+
+    def check(self, x: Tensor) -> None:
+        """ValueError naming what does not fit a monitored call on x (B, N, C)."""
+        if x.dim() != 3:
+            raise ValueError(f"x: the norm monitor expects tokens (B, N, C), got shape {tuple(x.shape)}")
+        if not 0 <= self.num_cls <= self.num_prefix <= x.shape[1]:
+            raise ValueError(
+                f"accumulators: expected 0 <= num_cls <= num_prefix <= N = {x.shape[1]}, "
+                f"got {self.num_cls}, {self.num_prefix}"
+            )
+        bins = self.inner_edges.numel() + 1
+        expected = {
+            "count": ((3,), torch.int64),
+            "total": ((3,), torch.float64),
+            "total_sq": ((3,), torch.float64),
+            "maximum": ((3,), torch.float32),
+            "outliers": ((3,), torch.int64),
+            "histogram": ((3, bins), torch.int64),
+        }
+        for name, t in zip(expected, self.buffers()):
+            shape, dtype = expected[name]
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
+                raise ValueError(
+                    f"accumulators.{name}: expected a contiguous {dtype} tensor of shape {shape} on {x.device}, "
+                    f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+        if self.inner_edges.dtype != torch.float32 or self.inner_edges.device != x.device:
+            raise ValueError(f"accumulators.inner_edges: expected float32 on {x.device}")
 
 
 # ------------------------------------------------------------------------------------------------------ ops
@@ -181,6 +245,62 @@ def _layer_norm_bwd_fake(dy, x, weight, bias, mean, rstd, eps, impl):
         return x.new_empty((0,)) if t is None else t.new_empty(t.shape)
 
     return x.new_empty(x.shape), like(weight), like(bias)
+
+
+_ACCUMULATORS = ("count", "total", "total_sq", "maximum", "outliers", "histogram")
+
+
+@torch.library.custom_op("regkern::layer_norm_fwd_monitored", mutates_args=_ACCUMULATORS)
+def layer_norm_fwd_monitored(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    impl: str,
+    num_cls: int,
+    num_prefix: int,
+    threshold: float,
+    inner_edges: Tensor,
+    count: Tensor,
+    total: Tensor,
+    total_sq: Tensor,
+    maximum: Tensor,
+    outliers: Tensor,
+    histogram: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y (x's shape and dtype), prefix_norms (B, P), patch_norms (B, N - P), mean, rstd (B, N), float32; the norm
+    statistics of this batch added to the accumulators."""
+    _check_impl(impl)
+    check_layer_norm_inputs(x, weight, bias, eps)
+    acc = NormAccumulators(
+        num_cls, num_prefix, threshold, inner_edges, count, total, total_sq, maximum, outliers, histogram
+    )  # fmt: skip
+    acc.check(x)
+    if impl == "triton":
+        if x.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"impl: 'triton' supports float16, bfloat16 and float32 inputs, got x of {x.dtype}")
+        problem = triton_problem(x.device.type)
+        if problem:
+            raise ValueError(f"impl: 'triton' cannot run: {problem}")
+        return triton_kernels().layer_norm_forward_monitored(x, weight, bias, eps, acc)
+    y, norms, mean, rstd = layer_norm_fwd(x, weight, bias, eps, impl)
+    stats = reference.norm_statistics(norms, num_cls, num_prefix, threshold, inner_edges)
+    for buffer, part in zip(acc.buffers(), stats):
+        if buffer is maximum:
+            torch.maximum(buffer, part, out=buffer)
+        else:
+            buffer.add_(part)
+    return y, norms[:, :num_prefix].clone(), norms[:, num_prefix:].clone(), mean, rstd
+
+
+@layer_norm_fwd_monitored.register_fake
+def _layer_norm_fwd_monitored_fake(x, weight, bias, eps, impl, num_cls, num_prefix, threshold, inner_edges, *acc):
+    B, N = x.shape[0], x.shape[1]
+
+    def stat(*shape):
+        return x.new_empty(shape, dtype=torch.float32)
+
+    return x.new_empty(x.shape), stat(B, num_prefix), stat(B, N - num_prefix), stat(B, N), stat(B, N)
 
 
 def _setup_context(ctx, inputs, output):

@@ -31,6 +31,32 @@ def _row_block(block, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _ln_fwd_rows(X, Y, W, BIAS, MEAN, RSTD, rows, n_rows, C, stride_x, stride_y, eps,
+                 BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # fmt: skip
+    # y, mean and rstd of BLOCK_R rows; returns each row's input L2 norm and the row mask
+    cols = tl.arange(0, BLOCK_C)
+    row_mask = rows < n_rows
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+    sum_sq = tl.sum(x * x, axis=1)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)  # two-pass variance: no cancellation for large means
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    return tl.sqrt(sum_sq), row_mask
+
+
+@triton.jit
 def ln_fwd_kernel(
     X,
     Y,
@@ -50,26 +76,99 @@ def ln_fwd_kernel(
     HAS_B: tl.constexpr,
 ):
     rows = _row_block(tl.program_id(0), BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    row_mask = rows < n_rows
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sum_sq = tl.sum(x * x, axis=1)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)  # two-pass variance: no cancellation for large means
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    y = xc * rstd[:, None]
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y * w[None, :]
-    if HAS_B:
-        b = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y + b[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(NORMS + rows, tl.sqrt(sum_sq), mask=row_mask)
-    tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    norms, row_mask = _ln_fwd_rows(
+        X, Y, W, BIAS, MEAN, RSTD, rows, n_rows, C, stride_x, stride_y, eps, BLOCK_C, HAS_W, HAS_B
+    )  # fmt: skip
+    tl.store(NORMS + rows, norms, mask=row_mask)
+
+
+@triton.jit
+def ln_fwd_monitored_kernel(
+    X,
+    Y,
+    W,
+    BIAS,
+    PREFIX_NORMS,
+    PATCH_NORMS,
+    MEAN,
+    RSTD,
+    EDGES,
+    COUNT,
+    TOTAL,
+    TOTAL_SQ,
+    MAXIMUM,
+    OUTLIERS,
+    HISTOGRAM,
+    n_rows,
+    C,
+    stride_x,
+    stride_y,
+    eps,
+    N,
+    NUM_CLS,
+    NUM_PREFIX,
+    threshold,
+    num_edges,
+    blocks_per_program,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_HIST: tl.constexpr,
+):
+    # The forward of ln_fwd_kernel over rows (b, n) of (B, N, C), plus the norm monitor's reduction in the same pass:
+    # per token group g (0 CLS, 1 registers, 2 patches) count, sum, sum of squares, max, outliers and histogram,
+    # kept in registers over the program's row blocks and added to the accumulators with one atomic per
+    # (statistic, group) and per non-empty histogram bin. Norms go to PREFIX_NORMS (B, P) and PATCH_NORMS (B, N - P).
+    pid = tl.program_id(0)
+    bins = num_edges + 1
+    edge_ids = tl.arange(0, BLOCK_E)
+    edges = tl.load(EDGES + edge_ids, mask=edge_ids < num_edges, other=float("inf"))  # [BLOCK_E]; padding never below
+    groups = tl.arange(0, 4)  # [4]: groups 0..2, one padding lane
+    slots = tl.arange(0, BLOCK_HIST)  # [BLOCK_HIST]: group * bins + bin
+    # per (row slot, group) partial statistics, summed elementwise over the row blocks and reduced once at the end
+    count = tl.zeros([BLOCK_R, 4], dtype=tl.int32)
+    outliers = tl.zeros([BLOCK_R, 4], dtype=tl.int32)
+    # float64 sums, as the reference: the monitor's std comes from sum_sq / n - mean^2, which cancels
+    total = tl.zeros([BLOCK_R, 4], dtype=tl.float64)
+    total_sq = tl.zeros([BLOCK_R, 4], dtype=tl.float64)
+    maximum = tl.zeros([BLOCK_R, 4], dtype=tl.float32)
+    histogram = tl.zeros([BLOCK_HIST], dtype=tl.int32)
+    for i in range(0, blocks_per_program):
+        rows = _row_block(pid * blocks_per_program + i, BLOCK_R)  # [BLOCK_R]
+        norms, row_mask = _ln_fwd_rows(
+            X, Y, W, BIAS, MEAN, RSTD, rows, n_rows, C, stride_x, stride_y, eps, BLOCK_C, HAS_W, HAS_B
+        )  # fmt: skip
+        row = rows.to(tl.int32)  # B * N < 2**31 tokens: 32-bit division
+        token = row % N
+        image = row // N
+        is_patch = token >= NUM_PREFIX
+        tl.store(PATCH_NORMS + image * (N - NUM_PREFIX) + token - NUM_PREFIX, norms, mask=row_mask & is_patch)
+        tl.store(PREFIX_NORMS + image * NUM_PREFIX + token, norms, mask=row_mask & (token < NUM_PREFIX))
+        group = (token >= NUM_CLS).to(tl.int32) + is_patch.to(tl.int32)
+        in_group = (group[:, None] == groups[None, :]) & row_mask[:, None]  # [BLOCK_R, 4]
+        grouped = tl.where(in_group, norms[:, None], 0.0)
+        count += in_group.to(tl.int32)
+        outliers += (in_group & (norms > threshold)[:, None]).to(tl.int32)
+        wide = grouped.to(tl.float64)
+        total += wide
+        total_sq += wide * wide
+        maximum = tl.maximum(maximum, grouped)
+        below = tl.sum((edges[None, :] < norms[:, None]).to(tl.int32), axis=1)  # [BLOCK_R]: torch.bucketize
+        histogram += tl.histogram(group * bins + below, BLOCK_HIST, mask=row_mask)
+    count = tl.sum(count, axis=0)  # [4]
+    outliers = tl.sum(outliers, axis=0)
+    total = tl.sum(total, axis=0)
+    total_sq = tl.sum(total_sq, axis=0)
+    maximum = tl.max(maximum, axis=0)
+    seen = (groups < 3) & (count > 0)
+    tl.atomic_add(COUNT + groups, count.to(tl.int64), mask=seen)
+    tl.atomic_add(TOTAL + groups, total, mask=seen)
+    tl.atomic_add(TOTAL_SQ + groups, total_sq, mask=seen)
+    tl.atomic_max(MAXIMUM + groups, maximum, mask=seen)
+    tl.atomic_add(OUTLIERS + groups, outliers.to(tl.int64), mask=seen & (outliers > 0))
+    tl.atomic_add(HISTOGRAM + slots, histogram.to(tl.int64), mask=histogram > 0)
 
 
 @triton.jit
@@ -262,3 +361,69 @@ def layer_norm_backward(
     dweight = dw_partial.sum(0).to(weight.dtype) if has_w else None
     dbias = db_partial.sum(0).to(bias.dtype) if has_b else None
     return dx, dweight, dbias
+
+
+def layer_norm_forward_monitored(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    accumulators,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the monitored forward over x (B, N, C): LayerNorm, and the norm monitor's reduction added in place to
+    ``accumulators`` (a ``regkern.ops.layer_norm.NormAccumulators``) with atomics.
+
+    Returns y (x's shape and dtype), prefix_norms (B, P) and patch_norms (B, N - P) float32, mean and rstd (B, N)."""
+    B, N, C = x.shape
+    acc = accumulators
+    P = acc.num_prefix
+    x2 = _rows_view(x, C)
+    n_rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    prefix_norms = torch.empty((B, P), dtype=torch.float32, device=x.device)
+    patch_norms = torch.empty((B, N - P), dtype=torch.float32, device=x.device)
+    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, prefix_norms, patch_norms, mean, rstd
+    BLOCK_R, BLOCK_C, num_warps = launch_config(C, x.device.type)
+    num_blocks = triton.cdiv(n_rows, BLOCK_R)
+    # few programs, each over many rows: the atomics per call stay ~ programs x (groups + non-empty bins)
+    per_program = max(1, triton.cdiv(num_blocks, _backward_programs(x.device)))
+    num_edges = acc.inner_edges.numel()
+    ln_fwd_monitored_kernel[(triton.cdiv(num_blocks, per_program),)](
+        x2,
+        y.view(n_rows, C),
+        x2 if weight is None else weight.contiguous(),
+        x2 if bias is None else bias.contiguous(),
+        prefix_norms,
+        patch_norms,
+        mean,
+        rstd,
+        acc.inner_edges,
+        acc.count,
+        acc.total,
+        acc.total_sq,
+        acc.maximum,
+        acc.outliers,
+        acc.histogram,
+        n_rows,
+        C,
+        x2.stride(0),
+        C,
+        float(eps),
+        N,
+        acc.num_cls,
+        P,
+        float(acc.threshold),
+        num_edges,
+        per_program,
+        BLOCK_R=BLOCK_R,
+        BLOCK_C=BLOCK_C,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        BLOCK_E=triton.next_power_of_2(max(num_edges, 1)),
+        BLOCK_HIST=triton.next_power_of_2(3 * (num_edges + 1)),
+        num_warps=num_warps,
+    )
+    return y, prefix_norms, patch_norms, mean, rstd
