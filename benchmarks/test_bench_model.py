@@ -2,6 +2,9 @@
 the CUDA backend, eager and torch.compile) and one training step (forward + backward + AdamW) patched vs unpatched.
 Tiny models on the CPU, eager only."""
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -116,4 +119,62 @@ def test_training_step(benchmark, device, variant):
         img_size=img_size,
         label=label,
         images_per_s=(batch / benchmark.stats.stats.median) if benchmark.stats is not None else None,
+    )
+
+
+# (id, timm name, image size, batch, dtype): the monitor's overhead, issue 13's shapes
+MONITOR_SPEC = (
+    ("vitb14reg4-224", "vit_base_patch14_reg4_dinov2", 224, 256, torch.bfloat16)
+    if on_gpu()
+    else ("vits14reg4-224-cpu", "vit_small_patch14_reg4_dinov2", 224, 8, torch.float32)
+)
+MONITOR_VARIANTS = {
+    "patched": None,
+    "monitored-norms": {"attention_share": False, "attention_maps": False},
+    "monitored-full": True,  # norms, attention shares and maps
+}
+
+
+def test_monitor_overhead(benchmark, device):
+    """Patched vs monitored (norms only; norms + attention shares + maps), timed interleaved in one loop so the
+    ratios share the machine's state; recorded as ``monitored-*/patched`` (median of the interleaved rounds)."""
+    label, name, img_size, batch, dtype = MONITOR_SPEC
+    models = {}
+    for variant, options in MONITOR_VARIANTS.items():
+        model = build(name, img_size, device, dtype, patched=options is None).eval()
+        models[variant] = model if options is None else regkern.patch_timm(model, monitor=options)
+    x = torch.randn(batch, 3, img_size, img_size, device=device, dtype=dtype)
+    times = {variant: [] for variant in models}
+
+    def forward(model):
+        with torch.inference_mode():
+            model(x)
+        sync(device)
+
+    def interleaved_round():
+        for variant, model in models.items():
+            start = time.perf_counter()
+            forward(model)
+            times[variant].append(time.perf_counter() - start)
+
+    interleaved_round()  # warm-up, not kept
+    for t in times.values():
+        t.clear()
+    benchmark.pedantic(interleaved_round, rounds=10 if device.type == "cuda" else 5, warmup_rounds=0)
+    median = {variant: statistics.median(t) for variant, t in times.items()}
+    ratios = {f"{v}/patched": median[v] / median["patched"] for v in median if v != "patched"}
+    params = sum(p.numel() for p in models["patched"].parameters())
+    tokens = batch * (models["patched"].patch_embed.num_patches + models["patched"].num_prefix_tokens)
+    record(
+        benchmark,
+        device,
+        flops=3 * 2 * params * tokens,
+        bytes_moved=3 * x.numel() * x.element_size(),
+        model=name,
+        variant="monitor-overhead",
+        batch=batch,
+        img_size=img_size,
+        label=label,
+        variant_median_s=median,
+        ratios=ratios,
     )

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..timm.patching import attach_monitor, get_monitor, patch_attention
+from ..timm.patching import get_monitor, patch_attention
 from .norm_monitor import NormMonitor
 
 __all__ = ["patch_timm"]
@@ -39,5 +39,5 @@ def patch_timm(
     patch_attention(model, backend=backend, num_kv_registers=num_kv_registers)
     if monitor:
         options = monitor if isinstance(monitor, dict) else {}
-        attach_monitor(model, NormMonitor(model, **options))
+        NormMonitor(model, **options)  # attaches itself: regkern.get_monitor(model)
     return model

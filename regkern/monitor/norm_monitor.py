@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,7 +31,7 @@ import torch.nn as nn
 
 from ..nn import MonitoredLayerNorm, RegisterAttentionBase
 from ..ops.layer_norm import NormAccumulators
-from ..timm.patching import patch_attention
+from ..timm.patching import attach_monitor, detach_monitor, get_monitor, patch_attention
 
 __all__ = ["NormMonitor", "NormReport", "GROUPS", "ATTENTION_GROUPS"]
 
@@ -38,6 +39,14 @@ __all__ = ["NormMonitor", "NormReport", "GROUPS", "ATTENTION_GROUPS"]
 GROUPS = ("cls", "registers", "patches")
 #: key groups of the attention (KV-only registers are keys without a token)
 ATTENTION_GROUPS = ("kv_registers", "cls", "registers", "patches")
+
+#: timm blocks whose norm1 normalises the attention output (post-norm), not the residual stream entering the block
+_POST_NORM_BLOCKS = ("ResPostBlock", "EvaBlockPostNorm")
+
+
+def _is_post_norm(block: nn.Module) -> bool:
+    name = type(block).__name__
+    return name in _POST_NORM_BLOCKS or "PostNorm" in name or name.endswith("PostBlock")
 
 
 @dataclass
@@ -47,7 +56,8 @@ class NormReport:
     rows: one dict per (layer, group) with count, mean, std, max, outliers, outlier_fraction, histogram.
     bin_edges: the histogram's log-spaced edges (len = bins + 1; the first and last bins also hold values beyond).
     top_patches: per layer, the largest patch norms of the last batch as (norm, batch index, token index).
-    attention_share: per layer, the mean share of attention each key group receives (rows sum to 1).
+    attention_share: per layer, the mean share of attention each key group receives (rows sum to 1); None for a
+        layer whose attention was not measured (printed as n/a).
     """
 
     threshold: str
@@ -82,18 +92,23 @@ class NormReport:
                 f"{row['std']:8.2f} | {row['max']:8.2f} | {row['outliers']:>8}"
             )
             if has_share:
-                line += f" | {self.attention_share[row['layer']][row['group']]:.3f}"
+                line += f" | {_share_text(self.attention_share[row['layer']][row['group']])}"
             lines.append(line)
         outlier_layers = sorted({r["layer"] for r in self.rows if r["outliers"]})
         for layer in outlier_layers:
             top = ", ".join(f"{v:.1f} (image {b}, token {t})" for v, b, t in self.top_patches[layer][:3])
             lines.append(f"layer {layer}: largest patch norms of the last batch: {top}")
-        if has_share and any(s.get("kv_registers", 0.0) for s in self.attention_share):
+        if has_share and any(s.get("kv_registers") for s in self.attention_share):
             lines.append(
                 "attention share of KV-only registers per layer: "
-                + ", ".join(f"{s['kv_registers']:.3f}" for s in self.attention_share)
+                + ", ".join(_share_text(s["kv_registers"]) for s in self.attention_share)
             )
         return "\n".join(lines)
+
+
+def _share_text(value: Optional[float]) -> str:
+    # None: the layer's attention was not measured (no forward reached it while enabled), which is not a share of 0
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 class NormMonitor:
@@ -114,7 +129,15 @@ class NormMonitor:
             "auto": "triton" on CUDA, where the reduction runs inside the kernel; "reference" elsewhere; "triton"
             on CPU tensors runs the interpreter under TRITON_INTERPRET=1).
 
-    Shapes: norms are taken per token (B, N); ``attention_maps()`` returns (B, H, P, grid_h, grid_w).
+    Shapes: norms are taken per token (B, N); ``attention_maps()`` returns (B, H, P, grid_h, grid_w), on the grid
+    of the last input (``dynamic_img_size`` models included).
+
+    The monitor attaches itself to the model: ``regkern.get_monitor(model)`` finds it (one per model), and
+    ``monitor.remove()`` or ``regkern.unpatch_timm(model)`` puts the original ``norm1`` modules back. Pre-norm blocks
+    only: on a post-norm block (timm ``ResPostBlock``, ``EvaBlockPostNorm``) ``norm1`` sees the attention output,
+    not the residual stream, and the monitor refuses the model. Every block's attention must be regkern's (the
+    model is patched first when none is): a block whose attention class regkern does not support is refused with
+    its class named.
     """
 
     def __init__(
@@ -143,8 +166,18 @@ class NormMonitor:
             raise ValueError(f"norm_range: expected 0 < low < high, got {norm_range!r}")
         if bins < 2 or top_k < 1:
             raise ValueError(f"bins/top_k: expected bins >= 2 and top_k >= 1, got {bins}, {top_k}")
+        if get_monitor(model) is not None:
+            raise ValueError("model: it already has a NormMonitor (regkern.get_monitor(model)); remove() it first")
+        post = sorted({type(b).__name__ for b in blocks if _is_post_norm(b)})
+        if post:
+            raise ValueError(
+                f"model: {', '.join(post)} blocks are post-norm (norm1 normalises the attention output, not the "
+                f"residual stream entering the block); NormMonitor measures pre-norm blocks only"
+            )
         if not any(isinstance(m, RegisterAttentionBase) for m in model.modules()):
-            patch_attention(model)
+            with warnings.catch_warnings():  # the refusal below names the unsupported classes
+                warnings.simplefilter("ignore")
+                patch_attention(model)
         self.model = model
         self.blocks = list(blocks)
         self.threshold, self.relative = float(threshold), relative
@@ -154,24 +187,26 @@ class NormMonitor:
         self.num_registers = self.num_prefix - self.has_cls
         self.grid_size = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()) or ())
 
-        self.attentions: list[RegisterAttentionBase] = []
-        self._original_norms: list[nn.Module] = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks):  # every check before anything is replaced
             attn = getattr(block, "attn", None)
             if not isinstance(attn, RegisterAttentionBase):
+                cls = f"{type(attn).__module__}.{type(attn).__qualname__}"
                 raise ValueError(
-                    f"model.blocks[{i}].attn: expected a regkern attention module, got "
-                    f"{type(attn).__name__}; patch the model with regkern.patch_timm first"
+                    f"model.blocks[{i}].attn: {cls} is not an attention class regkern supports (timm Attention and "
+                    f"EvaAttention), so its statistics cannot be monitored; NormMonitor needs regkern attention in "
+                    f"every block"
                 )
-            norm = block.norm1
-            self._original_norms.append(norm)
+            norm = getattr(block, "norm1", None)
+            if not isinstance(norm, MonitoredLayerNorm):
+                MonitoredLayerNorm.check_convertible(norm, f"model.blocks[{i}].norm1")
+        self._original_norms: list[nn.Module] = [block.norm1 for block in self.blocks]
+        self.attentions: list[RegisterAttentionBase] = [block.attn for block in self.blocks]
+        for block, norm in zip(self.blocks, self._original_norms):
             if isinstance(norm, MonitoredLayerNorm):
                 if norm_backend is not None:
                     norm.set_backend(norm_backend)
-                block.norm1 = norm
             else:
                 block.norm1 = MonitoredLayerNorm.from_layer_norm(norm, backend=norm_backend)
-            self.attentions.append(attn)
         stats = []
         if attention_share:
             stats.append("received")
@@ -214,9 +249,24 @@ class NormMonitor:
             )  # fmt: skip
             for i in range(L)
         ]
+        # the patch grid of the last input (dynamic_img_size models see many); python ints, no device sync
+        self._last_grid: Optional[tuple[int, int]] = None
+        patch_embed = getattr(model, "patch_embed", None)
+        self._grid_hook = (
+            patch_embed.register_forward_hook(self._record_grid) if isinstance(patch_embed, nn.Module) else None
+        )
         self.enabled = False
+        attach_monitor(model, self)
         if enabled:
             self.enable()
+
+    def _record_grid(self, module: nn.Module, args, output) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4:  # (B, H, W, C): timm's NHWC dynamic output
+            self._last_grid = (int(output.shape[1]), int(output.shape[2]))
+        elif args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            feat = getattr(module, "dynamic_feat_size", None)
+            size = feat(tuple(args[0].shape[-2:])) if callable(feat) else None
+            self._last_grid = tuple(int(v) for v in size) if size is not None else None
 
     # ------------------------------------------------------------------ collection (inside forward, no sync)
 
@@ -290,10 +340,16 @@ class NormMonitor:
         # last_prefix_rows are the latest observations, not accumulators: kept (a captured CUDA graph refills them)
 
     def remove(self) -> None:
-        """Disable and put the original ``norm1`` modules back."""
+        """Disable, put the original ``norm1`` modules back and detach from the model (``get_monitor`` then returns
+        None). Idempotent."""
         self.disable()
         for block, norm in zip(self.blocks, self._original_norms):
             block.norm1 = norm
+        if self._grid_hook is not None:
+            self._grid_hook.remove()
+            self._grid_hook = None
+        if get_monitor(self.model) is self:
+            detach_monitor(self.model)
 
     # ------------------------------------------------------------------ results
 
@@ -344,12 +400,21 @@ class NormMonitor:
         share = []
         if "received" in self.attention_stats:
             for layer in range(len(self.blocks)):
-                n = max(int(host["share_count"][layer]), 1)
-                share.append({grp: float(host["share_sum"][layer, i]) / n for i, grp in enumerate(ATTENTION_GROUPS)})
+                n = int(host["share_count"][layer])
+                share.append(
+                    {
+                        grp: float(host["share_sum"][layer, i]) / n if n else None
+                        for i, grp in enumerate(ATTENTION_GROUPS)
+                    }
+                )
         threshold = f"> {self.relative:g} x median patch norm" if self.relative is not None else f"> {self.threshold:g}"
         return NormReport(threshold, [float(e) for e in self.bin_edges], rows, top, share)
 
     def _grid(self, num_patches: int) -> tuple[int, int]:
+        # the last input's grid first (dynamic_img_size), then the configured one, then a square
+        last = self._last_grid
+        if last is not None and last[0] * last[1] == num_patches:
+            return last
         if len(self.grid_size) == 2 and self.grid_size[0] * self.grid_size[1] == num_patches:
             return tuple(self.grid_size)
         side = int(round(math.sqrt(num_patches)))

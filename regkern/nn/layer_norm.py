@@ -78,14 +78,19 @@ class MonitoredLayerNorm(nn.LayerNorm):
         )
         self._setup(backend, device, dtype)
 
+    @staticmethod
+    def check_convertible(ln: object, name: str = "ln") -> None:
+        """TypeError naming ``name`` unless ``ln`` is a ``torch.nn.LayerNorm`` or ``timm.layers.LayerNorm``."""
+        if not (type(ln) is nn.LayerNorm or _is_timm_layer_norm(ln)):
+            raise TypeError(
+                f"{name}: expected a torch.nn.LayerNorm or timm.layers.LayerNorm, "
+                f"got {type(ln).__module__}.{type(ln).__name__}"
+            )
+
     @classmethod
     def from_layer_norm(cls, ln: nn.Module, *, backend: Optional[str] = None) -> MonitoredLayerNorm:
         """Build from a ``torch.nn.LayerNorm`` or ``timm.layers.LayerNorm``, reusing its Parameter objects."""
-        if not (type(ln) is nn.LayerNorm or _is_timm_layer_norm(ln)):
-            raise TypeError(
-                f"ln: expected a torch.nn.LayerNorm or timm.layers.LayerNorm, "
-                f"got {type(ln).__module__}.{type(ln).__name__}"
-            )
+        cls.check_convertible(ln)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.normalized_shape = tuple(ln.normalized_shape)

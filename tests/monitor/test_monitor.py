@@ -231,3 +231,82 @@ def test_set_backend_keeps_monitoring_and_expected_seq_len(images, backend):
         assert sum(share.values()) == pytest.approx(1.0, abs=1e-5)
         assert share["patches"] > 0.0
     regkern.unpatch_timm(model)
+
+
+# ---------------------------------------------------------------------------------------------- monitor edges
+
+
+def test_post_norm_blocks_are_refused_naming_the_block_class():
+    from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+    model = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, block_fn=ResPostBlock)
+    norms = [b.norm1 for b in model.blocks]
+    with pytest.raises(ValueError, match="ResPostBlock blocks are post-norm"):
+        regkern.NormMonitor(model)
+    assert regkern.get_monitor(model) is None
+    assert [b.norm1 for b in model.blocks] == norms  # nothing replaced
+
+
+def test_maps_use_the_grid_of_the_actual_input_with_dynamic_img_size():
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=2, dynamic_img_size=True
+    ).eval()
+    monitor = regkern.NormMonitor(model)
+    x = torch.randn(2, 3, 28, 70)  # a 2 x 5 patch grid on a model configured for 4 x 4
+    seen = []
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1)))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    maps = monitor.norm_maps(1)
+    assert maps.shape == (2, 2, 5)
+    torch.testing.assert_close(maps, seen[0][:, model.num_prefix_tokens :].reshape(2, 2, 5), rtol=1e-5, atol=1e-5)
+    assert monitor.attention_maps(1).shape[-2:] == (2, 5)
+
+
+def test_norm_monitor_attaches_itself_and_is_removed_with_its_layer_norms():
+    model = build_model()
+    originals = [b.norm1 for b in model.blocks]
+    monitor = regkern.NormMonitor(model)
+    assert regkern.get_monitor(model) is monitor
+    assert all(isinstance(b.norm1, regkern.MonitoredLayerNorm) for b in model.blocks)
+    with pytest.raises(ValueError, match="already has a NormMonitor"):
+        regkern.NormMonitor(model)
+    monitor.remove()
+    monitor.remove()  # idempotent
+    assert regkern.get_monitor(model) is None
+    assert [b.norm1 for b in model.blocks] == originals
+    regkern.NormMonitor(model)  # a new one may attach now
+    regkern.unpatch_timm(model)
+    assert regkern.get_monitor(model) is None
+    assert [b.norm1 for b in model.blocks] == originals
+    assert not any(isinstance(m, regkern.MonitoredLayerNorm) for m in model.modules())
+
+
+def test_unsupported_attention_is_refused_naming_its_class():
+    class HomeMadeAttention(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = build_model()
+    model.blocks[1].attn = HomeMadeAttention()
+    with pytest.warns(UserWarning, match="HomeMadeAttention"):  # patch_timm's own warning
+        with pytest.raises(ValueError, match=r"model.blocks\[1\].attn: .*HomeMadeAttention is not an attention class"):
+            regkern.patch_timm(model, monitor=True)
+    assert regkern.get_monitor(model) is None
+    assert not any(isinstance(m, regkern.MonitoredLayerNorm) for m in model.modules())
+
+
+def test_unmeasured_attention_shares_print_as_not_available(images):
+    model = build_model()
+    monitor = regkern.NormMonitor(model)
+    monitor.attentions[1].set_monitoring()  # layer 1's attention is not measured, its norms are
+    with torch.no_grad():
+        model(images)
+    report = monitor.report()
+    assert all(v is None for v in report.attention_share[1].values())
+    assert report.attention_share[0]["patches"] > 0
+    layer1 = [line for line in str(report).splitlines() if line.split("|")[0].strip() == "1"]
+    assert layer1 and all(line.rstrip().endswith("n/a") for line in layer1)
+    json.loads(report.to_json())  # None is JSON null

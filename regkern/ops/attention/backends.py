@@ -128,7 +128,7 @@ class TorchBackend(AttentionBackend):
     device_types = None
     description = (
         "PyTorch scaled_dot_product_attention, registers concatenated to the keys; statistics, when requested, "
-        "from the materialising reference beside it (out stays SDPA's, bit for bit)"
+        "from one scores matmul and softmax beside it (only the rows they need; out stays SDPA's, bit for bit)"
     )
 
     def not_supported_reasons(self, request: AttentionRequest) -> list[str]:
@@ -142,18 +142,63 @@ class TorchBackend(AttentionBackend):
         if not return_stats:
             return out
         with torch.no_grad():  # statistics are observations: no graph through the materialised matrix
-            _, stats = reference.register_attention(
-                q,
-                k,
-                v,
-                reg_k,
-                reg_v,
-                scale=scale,
-                return_stats=return_stats,
-                num_prefix=num_prefix,
-                attn_mask=attn_mask,
-            )
+            stats = self._statistics(q, k, v, reg_k, reg_v, scale, tuple(return_stats), num_prefix, attn_mask)
         return out, stats
+
+    @staticmethod
+    def _statistics(q, k, v, reg_k, reg_v, scale, requested, num_prefix, attn_mask) -> reference.AttentionStats:
+        """``reference.register_attention``'s statistics computing only what they need: a scores matmul (only the
+        prefix query rows when prefix_rows is all that is asked for) and a softmax, a few images at a time so that
+        the scores stay small (on the CPU: in cache, no fresh pages per call); P @ V in float32 only for out_norm
+        (the norm of the float32 output, as the reference defines it)."""
+        B, N, H, d = q.shape
+        cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scale = d**-0.5 if scale is None else float(scale)
+        wanted = set(requested)
+        rows = N if {"lse", "received", "out_norm"} & wanted else num_prefix
+        R = 0 if reg_k is None else reg_k.shape[-3]
+        keys = R + N
+        bias = reference.token_mask_to_bias(attn_mask, R, cdtype)
+        if bias is not None:
+            while bias.dim() < 4:
+                bias = bias.unsqueeze(0)
+            if bias.shape[-2] == N:
+                bias = bias[..., :rows, :]
+        shapes = {
+            "lse": (B, H, N),
+            "out_norm": (B, N),
+            "received": (B, H, keys),
+            "prefix_rows": (B, H, num_prefix, keys),
+        }
+        stats = {name: torch.empty(shapes[name], dtype=torch.float32, device=q.device) for name in requested}
+        budget = (1 << 20) if q.device.type == "cpu" else (1 << 27)  # score elements per chunk
+        chunk = max(1, budget // max(1, H * rows * keys))
+        for b0 in range(0, B, chunk):
+            b1 = min(B, b0 + chunk)
+            qf = q[b0:b1, :rows].transpose(1, 2).to(cdtype)  # (b, H, rows, d)
+            kf = k[b0:b1].transpose(1, 2).to(cdtype)
+            if reg_k is not None:
+                regs = reference.batched_registers(reg_k, B)[b0:b1].transpose(1, 2).to(cdtype)
+                kf = torch.cat([regs, kf], dim=2)
+            scores = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)  # (b, H, rows, R + N)
+            if bias is not None:
+                scores = scores + (bias[b0:b1] if bias.shape[0] == B else bias)
+            if "lse" in wanted:
+                stats["lse"][b0:b1] = torch.logsumexp(scores, dim=-1)
+            if not {"received", "prefix_rows", "out_norm"} & wanted:
+                continue
+            probs = torch.softmax(scores, dim=-1)
+            if "received" in wanted:
+                stats["received"][b0:b1] = probs.sum(dim=2)
+            if "prefix_rows" in wanted:
+                stats["prefix_rows"][b0:b1] = probs[:, :, :num_prefix, :]
+            if "out_norm" in wanted:
+                vf = v[b0:b1].transpose(1, 2).to(cdtype)
+                if reg_v is not None:
+                    vf = torch.cat([reference.batched_registers(reg_v, B)[b0:b1].transpose(1, 2).to(cdtype), vf], 2)
+                out_f = torch.matmul(probs, vf).transpose(1, 2)  # (b, N, H, d)
+                stats["out_norm"][b0:b1] = torch.linalg.vector_norm(out_f.reshape(b1 - b0, N, H * d), dim=-1)
+        return reference.AttentionStats(stats)
 
     @staticmethod
     def _sdpa(q, k, v, reg_k, reg_v, *, scale, attn_mask, dropout_p):

@@ -184,11 +184,20 @@ def layer_norm_fwd(
         if x.is_cuda and x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"impl: 'cuda' supports float16, bfloat16 and float32 CUDA inputs, got x of {x.dtype}")
         return cuda.layer_norm_forward(x, weight, bias, eps)
-    y, norms = reference.layer_norm_with_norms(x, weight, bias, eps)
-    xf = x.to(_compute_dtype(x.dtype))
-    var, mean = torch.var_mean(xf, dim=-1, correction=0)
-    rstd = torch.rsqrt(var + eps)
-    return y.contiguous(), norms.contiguous(), mean.float().contiguous(), rstd.float().contiguous()
+    # reference.layer_norm_with_norms, with mean and rstd from the same native_layer_norm call that F.layer_norm makes
+    # (a separate var_mean costs more than the LayerNorm on the CPU)
+    cdtype = _compute_dtype(x.dtype)
+    xf = x.to(cdtype)
+    w, b = (None if t is None else t.to(cdtype) for t in (weight, bias))
+    y, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), w, b, eps)
+    norms = torch.linalg.vector_norm(xf, dim=-1).float()
+    lead = x.shape[:-1]
+    return (
+        y.to(x.dtype).contiguous(),
+        norms.contiguous(),
+        mean.reshape(lead).float().contiguous(),
+        rstd.reshape(lead).float().contiguous(),
+    )
 
 
 @layer_norm_fwd.register_fake
