@@ -256,7 +256,8 @@ def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> di
     (base_out, patched_out), (base_time, patched_time) = _time_forwards([model, patched], x, args.repeats)
     max_diff = (patched_out.float() - base_out.float()).abs().max().item()
     rows = residual_norm_table(patched, x)
-    backends = sorted({line.split("-> ")[1].split(" ")[0] for line in explain(patched).splitlines() if "-> " in line})
+    attention_lines = [line for line in explain(patched).splitlines() if "-> " in line and "_pos_embed" not in line]
+    backends = sorted({line.split("-> ")[1].split(" ")[0] for line in attention_lines})
     has_cls, num_reg = _token_groups(patched)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

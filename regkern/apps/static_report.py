@@ -38,6 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..ops.attention.op import triton_kernels as attention_kernels
 from ..ops.dispatch import compile_target
+from ..ops.layer_norm.op import NormAccumulators
 from ..ops.layer_norm.op import triton_kernels as layer_norm_kernels
 from .bench_results import git_commit
 
@@ -354,8 +355,6 @@ def _layer_norm_cases(dtype) -> list[_Case]:
             kernels.layer_norm_backward(x, x, w, w, stats, stats)
 
         def monitored(C=C):
-            from ..ops.layer_norm import NormAccumulators
-
             x = torch.empty(8, 261, C, dtype=dtype, device="cuda")
             w = torch.empty(C, dtype=dtype, device="cuda")
 

@@ -11,9 +11,13 @@ __all__ = ["explain"]
 
 
 def explain(module_or_model: nn.Module) -> str:
-    """Which backend each regkern attention module (and each ``MonitoredLayerNorm`` a NormMonitor installed) runs,
-    and why, one line per module (a string to print)."""
+    """Which backend each regkern attention module (and each ``MonitoredLayerNorm`` a NormMonitor installed, and the
+    token embedding ``patch_timm`` routes through ``regkern.embed_tokens``) runs, and why, one line per module (a
+    string to print)."""
     lines = []
+    embedding = module_or_model.__dict__.get("_pos_embed")  # regkern.timm.embedding.RegisterTokenEmbedding
+    if hasattr(embedding, "backend_name"):
+        lines.append(f"_pos_embed: regkern.embed_tokens -> {embedding.backend_name} ({embedding.backend_reason})")
     for name, module in module_or_model.named_modules():
         if isinstance(module, RegisterAttentionBase):
             line = f"{name or '<root>'}: {type(module).__name__} -> {module.backend_name} ({module.backend_reason})"

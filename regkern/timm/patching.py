@@ -18,6 +18,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ..nn import RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention
+from .embedding import restore_pos_embed, route_pos_embed
 
 __all__ = [
     "patch_attention",
@@ -70,7 +71,9 @@ def patch_attention(
 
     Returns:
         The same model object. Unsupported attention classes are left untouched with one warning that names them.
-        The number of prefix tokens (CLS + registers) is read from ``model.num_prefix_tokens``.
+        The number of prefix tokens (CLS + registers) is read from ``model.num_prefix_tokens``. A timm
+        ``VisionTransformer`` also gets its token embedding (``_pos_embed``) routed through ``regkern.embed_tokens``
+        (``regkern.timm.embedding``), on the backend matching ``backend`` ("auto" when None).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -101,10 +104,16 @@ def patch_attention(
         _set_child(model, name, new)
         if seq_len is not None:
             new.set_expected_seq_len(seq_len)
+    if replacements:  # the token embedding: [CLS, registers, patches] + position embeddings in one regkern op
+        route_pos_embed(model, backend=_EMBED_BACKENDS.get(backend, None))
     if unsupported:
         listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
         warnings.warn(f"regkern: left unsupported attention modules untouched: {listed}", stacklevel=3)
     return model
+
+
+#: the token embedding's backend for an attention backend named in patch_timm (None / "auto": auto)
+_EMBED_BACKENDS = {"triton": "triton", "cuda": "cuda", "torch": "reference", "reference": "reference"}
 
 
 def _fixed_seq_len(model: nn.Module, num_prefix: int) -> Optional[int]:
@@ -157,6 +166,7 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     monitor = detach_monitor(model)
     if monitor is not None:
         monitor.remove()
+    restore_pos_embed(model)
     restores = []
     for name, module in model.named_modules():
         original = getattr(module, _ORIGINAL, None) if isinstance(module, RegisterAttentionBase) else None

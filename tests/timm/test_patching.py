@@ -159,7 +159,8 @@ def test_every_attention_is_replaced_and_explained(pristine):
         assert m.num_prefix_tokens == base.num_prefix_tokens, mname
         assert m.backend_name == "torch"
     text = explain(model)
-    lines = text.splitlines()
+    lines = [line for line in text.splitlines() if not line.startswith("_pos_embed: ")]
+    assert len(text.splitlines()) - len(lines) == int(type(model).__name__ == "VisionTransformer")
     assert len(lines) == len(before)
     for mname, line in zip(sorted(after), sorted(lines)):
         assert line.startswith(mname + ":"), line
@@ -254,7 +255,8 @@ def test_patch_twice_is_idempotent(pristine, images):
     for mname, m in second.items():
         assert m is first[mname], mname  # not re-wrapped
         assert not any(isinstance(c, REGKERN_ATTN) for c in m.children()), mname
-    assert len(explain(model).splitlines()) == len(originals)
+    attention_lines = [line for line in explain(model).splitlines() if not line.startswith("_pos_embed: ")]
+    assert len(attention_lines) == len(originals)
     torch.testing.assert_close(run(model, images), run(base, images), **OUT_TOL)
     unpatch_timm(model)
     for mname, orig in originals.items():
@@ -336,3 +338,66 @@ def test_patch_timm_is_per_instance():
     assert isinstance(a[0], RegisterViTAttention)
     assert type(b[0]) is Attention
     assert regkern.timm.supported_attention_classes()[Attention] is RegisterViTAttention
+
+
+# ------------------------------------------------------------------ the token embedding through regkern.embed_tokens
+
+# (timm name, options): CLS + registers without class position (DINOv2-reg), CLS with class position, no CLS
+# (SigLIP), registers without CLS (reg1 gap), dynamic image size
+EMBEDDING_MODELS = [
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
+    ("vit_small_patch16_224", dict(img_size=32)),
+    ("vit_base_patch16_siglip_224", dict(img_size=32)),
+    ("vit_medium_patch16_reg1_gap_256", dict(img_size=64)),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=56, dynamic_img_size=True)),
+]
+
+
+def embedding_id(spec):
+    name, options = spec
+    return name + ("-dynamic" if options.get("dynamic_img_size") else "")
+
+
+@pytest.mark.parametrize("spec", EMBEDDING_MODELS, ids=embedding_id)
+def test_patched_models_run_embed_tokens_identically_to_timm(spec):
+    name, options = spec
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attention pools of the gap models are not patched
+        model = timm.create_model(name, pretrained=False, depth=2, **options).eval()
+        perturb_(model, 0)  # distinct, non-zero CLS and register tokens
+        reference_model = copy.deepcopy(model)
+        keys = list(model.state_dict())
+        patch_timm(model)
+    assert "_pos_embed" in model.__dict__ and list(model.state_dict()) == keys
+    assert explain(model).splitlines()[0].startswith("_pos_embed: regkern.embed_tokens -> reference")
+    size = options["img_size"]
+    x = torch.randn(2, 3, size, size + (2 * 14 if options.get("dynamic_img_size") else 0))
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+        assert torch.equal(model._pos_embed(tokens), reference_model._pos_embed(tokens))
+        assert torch.equal(model.forward_features(x), reference_model.forward_features(x))
+        copied = copy.deepcopy(model)  # the routed embedding follows the copy
+        assert copied._pos_embed.model is copied
+        assert torch.equal(copied.forward_features(x), reference_model.forward_features(x))
+    unpatch_timm(model)
+    assert "_pos_embed" not in model.__dict__
+
+
+def test_patched_embedding_on_triton_and_not_on_eva():
+    from regkern.ops.embed_tokens import triton_kernels as embed_triton
+
+    if not torch.cuda.is_available() and not embed_triton.INTERPRETED:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=1).eval()
+    reference_model = copy.deepcopy(model).to(device)
+    patch_timm(model.to(device), backend="triton")
+    assert model._pos_embed.backend_name == "triton"
+    tokens = torch.randn(2, 4, model.embed_dim, device=device)
+    with torch.no_grad():
+        assert torch.equal(model._pos_embed(tokens), reference_model._pos_embed(tokens))
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
+    patch_timm(eva)
+    assert "_pos_embed" not in eva.__dict__  # Eva embeds (and makes its RoPE) in a method of its own

@@ -1,11 +1,12 @@
 """Token-embedding backends: what each supports, and the one-time choice between them.
 
     reference  ``regkern.reference.embed_tokens`` (PyTorch: concatenation, then one float32 add, rounded once)
+    triton     one-pass Triton kernel (CUDA tensors; CPU tensors only when named, under TRITON_INTERPRET=1)
     cuda       the extension's one-pass kernel (csrc/embed_tokens.cu); CPU tensors run its C++ reference; all
                tensors must share x's dtype
 
-``"auto"`` (``regkern.ops.dispatch``) picks "cuda" only on CUDA tensors where the measured dispatch table says it is
-faster, else "reference" (there is no Triton kernel for this op).
+``"auto"`` (``regkern.ops.dispatch``) picks "cuda" on CUDA tensors where the measured dispatch table says it is
+faster, else "triton" on CUDA tensors, else "reference".
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Optional
 import torch
 
 from .. import cuda_ext
-from ..dispatch import Backend, BackendChoice, Dispatcher, device_capability
+from ..dispatch import Backend, BackendChoice, Dispatcher, device_capability, kernels_problem
+from .op import triton_kernels
 
 __all__ = [
     "EmbedTokensRequest",
@@ -43,6 +45,8 @@ class EmbedTokensRequest:
     seq_len: Optional[int] = None
     param_dtypes: tuple[Optional[torch.dtype], ...] = (None, None, None)
     features: frozenset = frozenset()
+    batch: int = 1
+    pos_batch: Optional[int] = None
 
     def describe(self) -> str:
         return "embed_tokens"
@@ -52,7 +56,17 @@ class EmbedTokensRequest:
         num_patches = math.prod(x.shape[1:-1])  # (B, M, C) or (B, Hp, Wp, C)
         seq_len = (cls_token is not None) + (0 if reg_token is None else reg_token.shape[1]) + num_patches
         dtypes = tuple(None if t is None else t.dtype for t in (pos_embed, cls_token, reg_token))
-        return cls(x.device.type, x.dtype, x.shape[-1], device_capability(x.device), seq_len, dtypes)
+        pos_batch = None if pos_embed is None else pos_embed.shape[0]
+        return cls(
+            x.device.type,
+            x.dtype,
+            x.shape[-1],
+            device_capability(x.device),
+            seq_len,
+            dtypes,
+            batch=x.shape[0],
+            pos_batch=pos_batch,
+        )
 
 
 class ReferenceEmbedTokens(Backend):
@@ -62,6 +76,28 @@ class ReferenceEmbedTokens(Backend):
 
     def not_supported_reasons(self, request: EmbedTokensRequest) -> list[str]:
         return []
+
+
+class TritonEmbedTokens(Backend):
+    name = "triton"
+    description = "one-pass Triton kernel: each output token reads its source row and position row once"
+    auto_device_types = ("cuda",)
+
+    def not_supported_reasons(self, request: EmbedTokensRequest) -> list[str]:
+        problem = kernels_problem(triton_kernels, request.device_type)
+        if problem:
+            return [problem]
+        reasons = []
+        if request.device_type not in ("cuda", "cpu"):
+            reasons.append(f"device type {request.device_type!r} is not supported (CUDA, or CPU under the interpreter)")
+        for name, dtype in zip(("x", "pos_embed", "cls_token", "reg_token"), (request.dtype, *request.param_dtypes)):
+            if dtype is not None and dtype not in _CUDA_DTYPES:
+                reasons.append(f"{name} is {dtype}: the kernel computes float16, bfloat16 and float32 inputs")
+        if request.pos_batch not in (None, 1, request.batch):
+            reasons.append(f"pos_embed has batch {request.pos_batch}, x has {request.batch}: the kernel needs 1 or B")
+        if request.dim > triton_kernels().MAX_C:
+            reasons.append(f"C = {request.dim} > {triton_kernels().MAX_C} (a token row is held in registers)")
+        return reasons
 
 
 class CudaEmbedTokens(Backend):
@@ -84,12 +120,12 @@ class CudaEmbedTokens(Backend):
         return reasons
 
 
-#: the token embedding's dispatcher; "cuda" only where the measured table prefers it
+#: the token embedding's dispatcher; "cuda" only where the measured table prefers it, else "triton" on CUDA
 DISPATCHER = Dispatcher(
     "embed_tokens",
     "embed_tokens",
-    (ReferenceEmbedTokens(), CudaEmbedTokens()),
-    auto_order=("reference",),
+    (ReferenceEmbedTokens(), TritonEmbedTokens(), CudaEmbedTokens()),
+    auto_order=("triton", "reference"),
     refusal="backend: {name!r} cannot run {what}: {reasons}",
 )
 

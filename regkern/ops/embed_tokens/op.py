@@ -3,8 +3,9 @@
     regkern::embed_tokens(x, pos_embed?, cls_token?, reg_token?, no_embed_class, impl) -> (B, P + M, C)
 
 ``impl`` is "reference" (``regkern.reference.embed_tokens``: concatenation, then one float32 add, rounded once; any
-device) or "cuda" (the extension's ``regkern::cuda_embed_tokens``: the same result written in one pass; its C++
-reference on CPU tensors). The backward is the same for both: slices and batch sums of the output gradient.
+device), "triton" (``regkern.ops.embed_tokens.triton_kernels``: one pass, CUDA tensors or CPU tensors under
+TRITON_INTERPRET=1) or "cuda" (the extension's ``regkern::cuda_embed_tokens``: the same result written in one pass;
+its C++ reference on CPU tensors). The backward is the same for both: slices and batch sums of the output gradient.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ from torch import Tensor
 from ... import reference
 from . import cuda
 
-__all__ = ["embed_tokens_op", "IMPLS"]
+__all__ = ["embed_tokens_op", "IMPLS", "triton_kernels"]
 
-IMPLS = ("reference", "cuda")
+IMPLS = ("reference", "triton", "cuda")
+
+
+def triton_kernels():
+    """The Triton kernel and launcher (``regkern.ops.embed_tokens.triton_kernels``), imported on first use."""
+    # lazy import of the optional triton dependency; TRITON_INTERPRET is read when the kernel is decorated
+    from . import triton_kernels as module
+
+    return module
 
 
 @torch.library.custom_op("regkern::embed_tokens", mutates_args=())
@@ -37,6 +46,8 @@ def embed_tokens_op(
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "cuda":
         return cuda.embed_tokens(x, pos_embed, cls_token, reg_token, no_embed_class)
+    if impl == "triton":
+        return triton_kernels().embed_tokens(x, pos_embed, cls_token, reg_token, no_embed_class)
     out = reference.embed_tokens(x, pos_embed, cls_token, reg_token, no_embed_class=no_embed_class)
     return out.contiguous()
 

@@ -76,14 +76,50 @@ def test_fake_matches_real_dtype_and_shape_under_compile():
     assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
 
 
+def triton_runs() -> bool:
+    try:
+        from regkern.ops.embed_tokens import triton_kernels
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or triton_kernels.INTERPRETED
+
+
+@pytest.mark.skipif(not triton_runs(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=case_name)
+def test_triton_kernel_equals_the_reference_bit_for_bit(case, dtype):
+    """One pass, the same float32 add rounded once: identical to the reference (and to timm in float32), gradients
+    through the op's one backward."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, pos, cls, reg, nec = (t.detach().to(device).requires_grad_() if isinstance(t, torch.Tensor) else t
+                             for t in make(case, dtype))  # fmt: skip
+    with torch.no_grad():
+        x.view(-1)[0] = -0.0  # a negative zero is copied, not added to
+    got = regkern.embed_tokens(x, pos, cls, reg, no_embed_class=nec, backend="triton")
+    want = reference.embed_tokens(x, pos, cls, reg, no_embed_class=nec)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+    inputs = [t for t in (x, pos, cls, reg) if t is not None]
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
 def test_dispatch_auto_and_errors():
     x, pos, cls, reg, nec = make(CASES[0])
     choice = DISPATCHER.resolve(None, EmbedTokensRequest.from_tensors(x, pos, cls, reg))
     assert choice.name == "reference" and "auto (default)" in choice.reason
-    with pytest.raises(ValueError, match="backend: unknown embed_tokens backend 'triton'"):
-        regkern.embed_tokens(x, pos, cls, reg, backend="triton")
+    with pytest.raises(ValueError, match="backend: unknown embed_tokens backend 'trition'"):
+        regkern.embed_tokens(x, pos, cls, reg, backend="trition")
     with pytest.raises(ValueError, match="impl: expected one of"):
-        embed_tokens_op(x, pos, cls, reg, nec, "triton")
+        embed_tokens_op(x, pos, cls, reg, nec, "bogus")
+    if not triton_runs():
+        with pytest.raises(
+            ValueError, match="backend: 'triton' cannot run embed_tokens: CPU tensors need TRITON_INTERP"
+        ):
+            regkern.embed_tokens(x, pos, cls, reg, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        regkern.embed_tokens(x.double(), pos, cls, reg, backend="triton")
 
 
 @pytest.mark.parametrize("pos_batch, x_batch", [(2, 2), (2, 1), (1, 3)], ids=["pos2-x2", "pos2-x1", "pos1-x3"])
