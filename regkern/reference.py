@@ -23,6 +23,7 @@ __all__ = [
     "STAT_NAMES",
     "AttentionStats",
     "register_attention",
+    "received_groups",
     "layer_norm_with_norms",
     "NormStatistics",
     "norm_statistics",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 #: Statistics ``register_attention`` can return, in a fixed order.
-STAT_NAMES = ("lse", "out_norm", "received", "prefix_rows")
+STAT_NAMES = ("lse", "out_norm", "received", "prefix_rows", "received_groups")
 
 
 class AttentionStats(Mapping):
@@ -42,6 +43,9 @@ class AttentionStats(Mapping):
         out_norm     (B, N)            L2 norm of the float32 output of token n over all heads
         received     (B, H, R + N)     attention probability each key receives, summed over the N queries
         prefix_rows  (B, H, P, R + N)  full attention rows of the first P = ``num_prefix`` queries
+        received_groups (B, H, 4)      ``received`` summed over the key groups [KV registers, prefix token 0 (CLS
+                                       when the model has one), prefix tokens 1..P-1, patch tokens]; each (b, h) sums
+                                       to N. What the norm monitor needs, without the (B, H, R + N) tensor.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
@@ -169,9 +173,19 @@ def register_attention(
             stats[name] = probs.sum(dim=2).float()
         elif name == "prefix_rows":
             stats[name] = probs[:, :, :num_prefix, :].float().contiguous()
+        elif name == "received_groups":
+            stats[name] = received_groups(probs.sum(dim=2), R, num_prefix).float()
         else:  # checked by the public entry point; kept for direct callers
             raise ValueError(f"return_stats: unknown statistic {name!r}; expected any of {STAT_NAMES}")
     return out, AttentionStats(stats)
+
+
+def received_groups(received: torch.Tensor, num_registers: int, num_prefix: int) -> torch.Tensor:
+    """(..., R + N) attention received per key -> (..., 4) summed over [KV registers, prefix token 0, prefix tokens
+    1..P-1, patch tokens] (``AttentionStats.received_groups``)."""
+    R, P = num_registers, num_prefix
+    bounds = (0, R, R + min(P, 1), R + P, received.shape[-1])
+    return torch.stack([received[..., a:b].sum(-1) for a, b in zip(bounds[:-1], bounds[1:])], dim=-1)
 
 
 def layer_norm_with_norms(

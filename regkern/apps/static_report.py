@@ -333,6 +333,7 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         _Case("forward", forward(), name, dt),
         _Case("forward+out_norm+prefix_rows", forward(("out_norm", "prefix_rows")), name, dt),
         _Case("forward+received", forward(("received",)), name, dt),
+        _Case("forward+received_groups", forward(("received_groups",)), name, dt),  # what the norm monitor runs
         _Case("forward+qk_norm+rope", forward(prologue=True), name, dt),
         _Case("backward", backward, name, dt),
     ]

@@ -122,7 +122,7 @@ class NormMonitor:
         bins: histogram bins, log-spaced over ``norm_range``.
         top_k: how many of the largest patch norms of the last batch to keep per layer.
         attention_share: also accumulate the share of attention each key group receives (a second pass over the
-            keys in the Triton kernel).
+            keys in the Triton kernel, which reduces it to 4 numbers per (image, head): ``received_groups``).
         attention_maps: keep the last attention rows of the prefix queries (needs CLS or registers).
         enabled: start collecting now (else call ``enable()``).
         norm_backend: LayerNorm backend of the ``MonitoredLayerNorm``s that replace each block's ``norm1`` (None /
@@ -209,7 +209,7 @@ class NormMonitor:
                 block.norm1 = MonitoredLayerNorm.from_layer_norm(norm, backend=norm_backend)
         stats = []
         if attention_share:
-            stats.append("received")
+            stats.append("received_groups")
         if attention_maps and self.num_prefix:
             stats.append("prefix_rows")
         self.attention_stats = tuple(stats)
@@ -230,6 +230,12 @@ class NormMonitor:
         self._patches_per_image: dict[int, int] = {}
         self.share_sum = torch.zeros(L, len(ATTENTION_GROUPS), dtype=torch.float64, device=device)
         self.share_count = torch.zeros(L, dtype=torch.int64, device=device)
+        # received_groups [KV registers, prefix token 0, prefix tokens 1.., patches] -> ATTENTION_GROUPS: prefix
+        # token 0 is the CLS token when the model has one, else a register
+        group_map = torch.eye(4, dtype=torch.float64)
+        if not self.has_cls:
+            group_map[1] = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+        self._group_map = group_map.to(device)
         self.last_prefix_rows: dict[int, torch.Tensor] = {}
         #: the last batch's patch-token norms (B, N - P) entering each block (the kernel's output, no copies)
         self.last_patch_norms: dict[int, torch.Tensor] = {}
@@ -292,14 +298,13 @@ class NormMonitor:
 
     @torch.no_grad()
     def _record_attention(self, layer: int, stats) -> None:
-        if "received" in stats:
-            received = stats["received"]  # (B, H, R + N), each (b, h) sums to N
-            R = self.attentions[layer].num_kv_registers
-            n = received.shape[-1] - R
-            parts = (slice(0, R), *[slice(R + s.start, R + s.stop) for s in self._group_slices(n)])
-            share = torch.stack([received[..., p].sum(-1) for p in parts], dim=-1) / n  # (B, H, 4)
-            self.share_sum[layer] += share.double().mean(1).sum(0)
-            self.share_count[layer] += received.shape[0]
+        if "received_groups" in stats:
+            # (B, H, 4) over [KV registers, prefix token 0, prefix tokens 1.., patches], each (b, h) summing to N,
+            # reduced per group inside the attention kernel; mapped onto ATTENTION_GROUPS
+            groups = stats["received_groups"].double()
+            share = groups / groups.sum(-1, keepdim=True)
+            self.share_sum[layer] += share.mean(1).sum(0) @ self._group_map
+            self.share_count[layer] += groups.shape[0]
         if "prefix_rows" in stats:
             self.last_prefix_rows[layer] = stats["prefix_rows"]
 
@@ -398,7 +403,7 @@ class NormMonitor:
             pairs = zip(host["top_norms"][layer].tolist(), host["top_indices"][layer].long().tolist())
             top.append([(v, i // M, i % M + self.num_prefix) for v, i in pairs if v >= 0])
         share = []
-        if "received" in self.attention_stats:
+        if "received_groups" in self.attention_stats:
             for layer in range(len(self.blocks)):
                 n = int(host["share_count"][layer])
                 share.append(

@@ -310,3 +310,16 @@ def test_unmeasured_attention_shares_print_as_not_available(images):
     layer1 = [line for line in str(report).splitlines() if line.split("|")[0].strip() == "1"]
     assert layer1 and all(line.rstrip().endswith("n/a") for line in layer1)
     json.loads(report.to_json())  # None is JSON null
+
+
+def test_attention_shares_of_a_model_without_cls_go_to_its_registers():
+    """received_groups' "prefix token 0" is a register when the model has no CLS token."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_medium_patch16_reg1_gap_256", pretrained=False, img_size=32, depth=2)
+    model = regkern.patch_timm(model.eval(), monitor=True)
+    assert model.cls_token is None and model.num_prefix_tokens == 1
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for share in regkern.get_monitor(model).report().attention_share:
+        assert share["cls"] == 0.0 and share["registers"] > 0.0
+        assert sum(share.values()) == pytest.approx(1.0, abs=1e-6)

@@ -155,7 +155,7 @@ class TorchBackend(AttentionBackend):
         cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = d**-0.5 if scale is None else float(scale)
         wanted = set(requested)
-        rows = N if {"lse", "received", "out_norm"} & wanted else num_prefix
+        rows = N if {"lse", "received", "received_groups", "out_norm"} & wanted else num_prefix
         R = 0 if reg_k is None else reg_k.shape[-3]
         keys = R + N
         bias = reference.token_mask_to_bias(attn_mask, R, cdtype)
@@ -168,6 +168,7 @@ class TorchBackend(AttentionBackend):
             "lse": (B, H, N),
             "out_norm": (B, N),
             "received": (B, H, keys),
+            "received_groups": (B, H, 4),
             "prefix_rows": (B, H, num_prefix, keys),
         }
         stats = {name: torch.empty(shapes[name], dtype=torch.float32, device=q.device) for name in requested}
@@ -185,11 +186,15 @@ class TorchBackend(AttentionBackend):
                 scores = scores + (bias[b0:b1] if bias.shape[0] == B else bias)
             if "lse" in wanted:
                 stats["lse"][b0:b1] = torch.logsumexp(scores, dim=-1)
-            if not {"received", "prefix_rows", "out_norm"} & wanted:
+            if not {"received", "received_groups", "prefix_rows", "out_norm"} & wanted:
                 continue
             probs = torch.softmax(scores, dim=-1)
-            if "received" in wanted:
-                stats["received"][b0:b1] = probs.sum(dim=2)
+            if "received" in wanted or "received_groups" in wanted:
+                received = probs.sum(dim=2)
+                if "received" in wanted:
+                    stats["received"][b0:b1] = received
+                if "received_groups" in wanted:
+                    stats["received_groups"][b0:b1] = reference.received_groups(received, R, num_prefix)
             if "prefix_rows" in wanted:
                 stats["prefix_rows"][b0:b1] = probs[:, :, :num_prefix, :]
             if "out_norm" in wanted:
@@ -221,10 +226,16 @@ class TorchBackend(AttentionBackend):
         return out.transpose(1, 2).contiguous()
 
 
-def _stats_from_op(return_stats, out, lse, out_norm=None, prefix_rows=None, received=None):
+def _stats_from_op(return_stats, out, lse, out_norm=None, prefix_rows=None, received=None, received_groups=None):
     if not return_stats:
         return out
-    found = {"lse": lse, "out_norm": out_norm, "prefix_rows": prefix_rows, "received": received}
+    found = {
+        "lse": lse,
+        "out_norm": out_norm,
+        "prefix_rows": prefix_rows,
+        "received": received,
+        "received_groups": received_groups,
+    }
     return out, reference.AttentionStats({name: found[name] for name in return_stats})
 
 
@@ -258,8 +269,8 @@ class TritonBackend(AttentionBackend):
 
     @staticmethod
     def _run(q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, return_stats):
-        flags = tuple(name in return_stats for name in ("out_norm", "prefix_rows", "received"))
-        out, lse, out_norm, prefix_rows, received = op.attention_fwd(
+        flags = tuple(name in return_stats for name in op.OP_STATS)
+        out, lse, *stats = op.attention_fwd(
             q,
             k,
             v,
@@ -275,7 +286,7 @@ class TritonBackend(AttentionBackend):
             *flags,
             "triton",
         )
-        return _stats_from_op(return_stats, out, lse, out_norm, prefix_rows, received)
+        return _stats_from_op(return_stats, out, lse, *stats)
 
     def attention_with_prologue(
         self, q, k, v, reg_k, reg_v, *, scale, num_prefix, q_norm, k_norm, norm_eps, rope, rotate_half, return_stats=()
@@ -341,7 +352,7 @@ class CudaBackend(AttentionBackend):
 
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
         want_norm = "out_norm" in return_stats
-        out, lse, out_norm, _, _ = op.attention_fwd(
+        out, lse, out_norm, *_ = op.attention_fwd(
             q,
             k,
             v,
@@ -358,6 +369,7 @@ class CudaBackend(AttentionBackend):
             0.0,
             False,
             want_norm,
+            False,
             False,
             False,
             "cuda",

@@ -174,7 +174,8 @@ def register_attention(
             They are keys/values only (no query, no output row); keys are ordered [registers, tokens].
         scale: score scale, default ``d ** -0.5``.
         return_stats: any of ``"lse"`` (B, H, N), ``"out_norm"`` (B, N), ``"received"`` (B, H, R + N),
-            ``"prefix_rows"`` (B, H, P, R + N); see ``regkern.reference.AttentionStats``.
+            ``"prefix_rows"`` (B, H, P, R + N), ``"received_groups"`` (B, H, 4: ``received`` summed over [KV
+            registers, prefix token 0, prefix tokens 1..P-1, patches]); see ``regkern.reference.AttentionStats``.
         num_prefix: P, the leading query tokens (CLS + registers) whose attention rows ``prefix_rows`` returns.
         attn_mask: optional SDPA-style mask over the token keys, bool (True = attend) or additive float,
             broadcastable to (B, H, N, N). Register keys are never masked.

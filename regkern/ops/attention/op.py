@@ -2,8 +2,8 @@
 
     regkern::attention_fwd(q, k, v, reg_k?, reg_v?, q_norm_weight?, q_norm_bias?, k_norm_weight?, k_norm_bias?,
                            rope?, scale, num_prefix, qk_norm, norm_eps, rotate_half,
-                           stat_out_norm, stat_prefix_rows, stat_received, impl)
-        -> (out, lse, out_norm, prefix_rows, received)
+                           stat_out_norm, stat_prefix_rows, stat_received, stat_received_groups, impl)
+        -> (out, lse, out_norm, prefix_rows, received, received_groups)
     regkern::attention_bwd(dout, <the forward's tensors>, out, lse, scale, num_prefix, qk_norm, norm_eps,
                            rotate_half, impl)
         -> (dq, dk, dv, dreg_k, dreg_v, dq_norm_weight, dq_norm_bias, dk_norm_weight, dk_norm_bias)
@@ -78,17 +78,19 @@ def attention_fwd(
     stat_out_norm: bool,
     stat_prefix_rows: bool,
     stat_received: bool,
+    stat_received_groups: bool,
     impl: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """out (B, N, H, d) contiguous in q's dtype, lse (B, H, N) float32, and the requested statistics (float32):
-    out_norm (B, N), prefix_rows (B, H, P, R + N), received (B, H, R + N); (0,) when not requested.
-    See ``regkern.register_attention``."""
+    out_norm (B, N), prefix_rows (B, H, P, R + N), received (B, H, R + N), received_groups (B, H, 4); (0,) when not
+    requested. See ``regkern.register_attention``."""
     _check_impl(impl)
-    wanted = tuple(name for name, on in zip(_STATS, (stat_out_norm, stat_prefix_rows, stat_received)) if on)
+    flags = (stat_out_norm, stat_prefix_rows, stat_received, stat_received_groups)
+    wanted = tuple(name for name, on in zip(OP_STATS, flags) if on)
     if impl == "cuda":
-        if qk_norm or rope is not None or stat_prefix_rows or stat_received:
+        if qk_norm or rope is not None or stat_prefix_rows or stat_received or stat_received_groups:
             raise ValueError(
-                "impl: 'cuda' runs neither the qk_norm/RoPE prologue nor the prefix_rows/received "
+                "impl: 'cuda' runs neither the qk_norm/RoPE prologue nor the prefix_rows/received/received_groups "
                 "statistics (use impl 'triton')"
             )
         out, lse, out_norm = cuda.attention_forward(q, k, v, reg_k, reg_v, scale, num_prefix, stat_out_norm)
@@ -120,10 +122,11 @@ def attention_fwd(
             q, k, v, reg_k, reg_v, scale=scale, return_stats=("lse",) + wanted, num_prefix=num_prefix
         )
         lse = stats["lse"]
-    return (out, lse, *(stats[name] if name in wanted else q.new_empty((0,), dtype=torch.float32) for name in _STATS))
+    return (out, lse, *(stats[name] if name in wanted else q.new_empty((0,), dtype=torch.float32) for name in OP_STATS))
 
 
-_STATS = ("out_norm", "prefix_rows", "received")
+#: the statistics ``attention_fwd`` returns after out and lse, in order (each with a ``stat_<name>`` flag)
+OP_STATS = ("out_norm", "prefix_rows", "received", "received_groups")
 
 
 @attention_fwd.register_fake
@@ -146,6 +149,7 @@ def _attention_fwd_fake(
     stat_out_norm,
     stat_prefix_rows,
     stat_received,
+    stat_received_groups,
     impl,
 ):
     B, N, H, d = q.shape
@@ -160,6 +164,7 @@ def _attention_fwd_fake(
         stat(stat_out_norm, (B, N)),
         stat(stat_prefix_rows, (B, H, num_prefix, keys)),
         stat(stat_received, (B, H, keys)),
+        stat(stat_received_groups, (B, H, 4)),
     )
 
 

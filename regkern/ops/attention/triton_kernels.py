@@ -467,6 +467,7 @@ def attn_received_kernel(
     RK,
     LSE,
     RECEIVED,
+    GROUPS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -489,9 +490,13 @@ def attn_received_kernel(
     HAS_TAIL: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_KEYS: tl.constexpr,
+    REDUCE_GROUPS: tl.constexpr,
 ):
     # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
     # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
+    # STORE_KEYS writes the per-key sums (B, H, R + N); REDUCE_GROUPS adds them per key group into GROUPS (B, H, 4):
+    # [KV registers, prefix token 0, prefix tokens 1.., patches], one atomic per (program, group).
     pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -529,7 +534,17 @@ def attn_received_kernel(
             k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse_bh, qk_scale_log2, HEAD_DIM, TAIL_ROWS,
             BLOCK_D, True, DOT_PRECISION,
         )  # fmt: skip
-    tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
+    if STORE_KEYS:
+        tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
+    if REDUCE_GROUPS:
+        colsum = tl.where(valid, colsum, 0.0)  # [BLOCK_KEYS]
+        if SMALL_SEGMENT:
+            groups = tl.arange(0, 4)
+            key_group = tl.where(offs_j < R, 0, tl.where(offs_j == R, 1, 2))
+            part = tl.sum(tl.where(key_group[:, None] == groups[None, :], colsum[:, None], 0.0), axis=0)  # [4]
+            tl.atomic_add(GROUPS + pid_bh * 4 + groups, part, mask=groups < 3)
+        else:
+            tl.atomic_add(GROUPS + pid_bh * 4 + 3, tl.sum(colsum, axis=0))
 
 
 @triton.jit
@@ -973,9 +988,10 @@ def attention_forward(
     d with the given affine parameters, then RoPE on tokens >= num_prefix; ``reference.qk_prologue``); registers are
     raw keys and get neither. The lse is that of the attention over the transformed q, k.
 
-    ``stats``: any of "out_norm", "prefix_rows", "received" (see ``reference.AttentionStats``); then the call returns
-    ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue (per-head squared
-    norms, the prefix queries' scores normalised with the final lse); received takes a second pass over the keys."""
+    ``stats``: any of "out_norm", "prefix_rows", "received", "received_groups" (see ``reference.AttentionStats``);
+    then the call returns ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue
+    (per-head squared norms, the prefix queries' scores normalised with the final lse); received and received_groups
+    take a second pass over the keys (received_groups reduced per key group in it, atomics into a (B, H, 4) buffer)."""
     q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
     B, N, H, d = q.shape
     R = 0 if reg_k is None else reg_k.shape[-3]
@@ -1058,14 +1074,17 @@ def attention_forward(
         results["out_norm"] = out_sq.sum(1).sqrt()
     if want_prefix:
         results["prefix_rows"] = torch.exp2(prefix_s - (lse[:, :, :P, None] * LOG2E))
-    if "received" in stats:
-        received = torch.empty((B, H, R + N), dtype=torch.float32, device=q.device)
+    store_keys, reduce_groups = "received" in stats, "received_groups" in stats
+    if store_keys or reduce_groups:
+        received = torch.empty((B, H, R + N) if store_keys else (1,), dtype=torch.float32, device=q.device)
+        groups = torch.zeros((B, H, 4) if reduce_groups else (1,), dtype=torch.float32, device=q.device)
         args = (
             q,
             k,
             rk,
             lse,
             received,
+            groups,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -1087,6 +1106,8 @@ def attention_forward(
             HAS_TAIL=N % rcfg.block_m != 0,
             TAIL_ROWS=_pow2_at_least(N % rcfg.block_m),
             DOT_PRECISION=_dot_precision(q.dtype),
+            STORE_KEYS=store_keys,
+            REDUCE_GROUPS=reduce_groups,
             num_warps=rcfg.num_warps,
             num_stages=rcfg.num_stages,
         )
@@ -1096,7 +1117,10 @@ def attention_forward(
             )
         if R + P > 0:
             attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
-        results["received"] = received
+        if store_keys:
+            results["received"] = received
+        if reduce_groups:
+            results["received_groups"] = groups
     return out, lse, results
 
 

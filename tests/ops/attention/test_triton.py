@@ -172,7 +172,7 @@ def _op_args(
     eps=1e-6,
     half=False,
     impl="triton",
-    stats=(False, False, False),
+    stats=(False, False, False, False),
 ):
     return (q, k, v, reg_k, reg_v, *norms, rope, scale, P, qk_norm, eps, half, *stats, impl)
 
@@ -190,7 +190,7 @@ def test_opcheck(impl, prologue):
     args = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, **extra)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(attention_fwd, args, test_utils=tests)
-    with_stats = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, stats=(True, True, True), **extra)
+    with_stats = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, stats=(True, True, True, True), **extra)
     torch.library.opcheck(attention_fwd, with_stats, test_utils=tests)
     out, lse, *_ = attention_fwd(*args)
     detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
@@ -437,7 +437,7 @@ def test_epilogue_statistics_match_reference(case):
         k_norm_bias=norms[3],
         rope=rope,
         rotate_half=True,
-        stats=("out_norm", "prefix_rows", "received"),
+        stats=("out_norm", "prefix_rows", "received", "received_groups"),
     )
     qp = reference.qk_prologue(q, norms[0], norms[1], 1e-6, prologue, rope, P, True)
     kp = reference.qk_prologue(k, norms[2], norms[3], 1e-6, prologue, rope, P, True)
@@ -448,7 +448,7 @@ def test_epilogue_statistics_match_reference(case):
     _, want = reference.register_attention(
         f(qp), f(kp), f(v), f(reg_k), f(reg_v), return_stats=reference.STAT_NAMES, num_prefix=P
     )
-    assert set(stats) == {"out_norm", "prefix_rows", "received"}
+    assert set(stats) == {"out_norm", "prefix_rows", "received", "received_groups"}
     for name, got in stats.items():
         assert got.shape == want[name].shape and got.dtype == torch.float32, name
         assert torch.isfinite(got).all(), name
@@ -478,6 +478,31 @@ def test_register_attention_statistics_on_triton_backend():
     torch.testing.assert_close(
         out, regkern.register_attention(q, k, v, reg_k, reg_v, num_prefix=P, backend="triton"), atol=0, rtol=0
     )
+
+
+@pytest.mark.parametrize("R, P, N", [(0, 0, 17), (3, 1, 17), (4, 5, 37), (0, 5, 1 + 5), (2, 0, 9)])
+def test_received_groups_alone_equal_the_reference(R, P, N):
+    """The per-group reduction inside the received pass (no (B, H, R + N) tensor) against the reference's sums of
+    ``received``; with and without the small segment (registers + prefix) and its program."""
+    B, H, d = 2, 2, 32
+    q, k, v = packed_qkv(B, N, H, d, device=DEVICE, seed=R + 10 * P)
+    reg_k, reg_v = registers(B, R, H, d, True, device=DEVICE) if R else (None, None)
+    _, stats = regkern.register_attention(
+        q, k, v, reg_k, reg_v, return_stats=("received_groups",), num_prefix=P, backend="triton"
+    )
+    _, want = regkern.register_attention(
+        q, k, v, reg_k, reg_v, return_stats=("received_groups", "received"), num_prefix=P, backend="reference"
+    )
+    assert list(stats) == ["received_groups"] and stats["received_groups"].shape == (B, H, 4)
+    torch.testing.assert_close(stats["received_groups"], want["received_groups"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        want["received_groups"], reference.received_groups(want["received"], R, P), atol=0, rtol=0
+    )
+    torch.testing.assert_close(stats["received_groups"].sum(-1), torch.full((B, H), float(N), device=DEVICE))
+    if R == 0:
+        assert torch.all(stats["received_groups"][..., 0] == 0)
+    if P == 0:
+        assert torch.all(stats["received_groups"][..., 1:3] == 0)
 
 
 @pytest.mark.parametrize("N", [70, 133], ids=lambda n: f"N{n}")
