@@ -16,6 +16,8 @@
 #define REGKERN_ALLOW_DYNAMIC_SMEM(kernel, smem_bytes)
 #define REGKERN_DYNAMIC_SMEM(name) uint4* name = regkern_emu::dynamic_smem()
 #define REGKERN_LAUNCH_CHECK()
+// two "multiprocessors": grids sized by the SM count stay small, so each emulated block loops over several rows
+#define REGKERN_MULTIPROCESSORS() 2
 using regkern_stream_t = void*;
 #else
 #include <c10/cuda/CUDAException.h>
@@ -36,7 +38,17 @@ using regkern_stream_t = void*;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)))
 #define REGKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint4 name[]
 #define REGKERN_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define REGKERN_MULTIPROCESSORS() regkern::current_multiprocessors()
 using regkern_stream_t = cudaStream_t;
+namespace regkern {
+// SM count of the current device (an attribute query: no synchronisation, allowed during CUDA-graph capture)
+inline int current_multiprocessors() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+}  // namespace regkern
 #endif
 
 #include <cstdint>
@@ -155,6 +167,44 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
+}
+
+// ---- atomics on global or shared memory (the emulator's: std::atomic_ref, its threads being real threads) ----
+__device__ __forceinline__ void atomic_add(int64_t* p, int64_t v) {
+#ifdef REGKERN_EMULATE
+  std::atomic_ref<int64_t>(*p).fetch_add(v);
+#else
+  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));  // two's complement
+#endif
+}
+
+__device__ __forceinline__ void atomic_add(int* p, int v) {
+#ifdef REGKERN_EMULATE
+  std::atomic_ref<int>(*p).fetch_add(v);
+#else
+  atomicAdd(p, v);
+#endif
+}
+
+__device__ __forceinline__ void atomic_add(double* p, double v) {
+#ifdef REGKERN_EMULATE
+  double seen = std::atomic_ref<double>(*p).load();
+  while (!std::atomic_ref<double>(*p).compare_exchange_weak(seen, seen + v)) {
+  }
+#else
+  atomicAdd(p, v);  // sm_60+
+#endif
+}
+
+// max of non-negative floats: their bit patterns order as signed integers do
+__device__ __forceinline__ void atomic_max_nonnegative(float* p, float v) {
+#ifdef REGKERN_EMULATE
+  float seen = std::atomic_ref<float>(*p).load();
+  while (seen < v && !std::atomic_ref<float>(*p).compare_exchange_weak(seen, v)) {
+  }
+#else
+  atomicMax(reinterpret_cast<int*>(p), __float_as_int(v));
 #endif
 }
 

@@ -4,10 +4,14 @@
 // where high-norm artifacts show) in a second pass, then y = (x - mean) * rstd * weight + bias rounded once.
 // Rows are read 8 elements (16 or 32 bytes) at a time when C % 8 == 0 and the rows are aligned, and kept in
 // registers between the passes up to C = 2048.
+//
+// The monitored forward (MonitoredLayerNorm with a NormMonitor) also reduces the token norms per group into the
+// monitor's buffers in the same pass: the CUDA twin of the Triton kernel ln_fwd_monitored_kernel.
 #include "regkern.h"
 
 #include "cuda_launch.cuh"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -36,21 +40,21 @@ __device__ __forceinline__ void store_normalized(T* dst, const float (&f)[VEC], 
   store_vec<T, VEC>(dst, out);
 }
 
+__device__ __forceinline__ int warp_sum_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One row by one warp: y = (x - mean) * rstd * weight + bias; returns the row's raw sum of squares (all lanes).
 // kCached > 0: each lane keeps its kCached chunks of the row in registers, so the row is read from memory once
 // (C <= 32 * VEC * kCached); kCached = 0: any C, the row is read three times (the later passes mostly from cache).
 template <typename T, int VEC, int kCached>
-__global__ void __launch_bounds__(kRowsPerBlock * 32)
-    layer_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
-                          T* __restrict__ y, float* __restrict__ norms, float* __restrict__ mean_out,
-                          float* __restrict__ rstd_out, int64_t rows, int C, float eps) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;  // whole warps leave together: the shuffles below see all 32 lanes
-  const T* xr = x + row * C;
-  T* yr = y + row * C;
+__device__ __forceinline__ float normalize_row(const T* __restrict__ xr, T* __restrict__ yr,
+                                               const float* __restrict__ weight, const float* __restrict__ bias, int C,
+                                               float eps, int lane, float& mean, float& rstd) {
   constexpr int kStep = 32 * VEC;
-
-  float mean, rstd, squares = 0.f, centred = 0.f, sum = 0.f;
+  float squares = 0.f, centred = 0.f, sum = 0.f;
   if constexpr (kCached > 0) {
     float f[kCached][VEC];
 #pragma unroll
@@ -107,11 +111,107 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
       store_normalized<T, VEC>(yr + c, f, c, mean, rstd, weight, bias);
     }
   }
-  squares = warp_sum(squares);
+  return warp_sum(squares);
+}
+
+template <typename T, int VEC, int kCached>
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+    layer_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+                          T* __restrict__ y, float* __restrict__ norms, float* __restrict__ mean_out,
+                          float* __restrict__ rstd_out, int64_t rows, int C, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;  // whole warps leave together: the shuffles below see all 32 lanes
+  float mean, rstd;
+  const float squares =
+      normalize_row<T, VEC, kCached>(x + row * C, y + row * C, weight, bias, C, eps, lane, mean, rstd);
   if (lane == 0) {
     norms[row] = sqrtf(squares);
     mean_out[row] = mean;
     rstd_out[row] = rstd;
+  }
+}
+
+// The norm monitor's buffers and token groups (regkern.ops.layer_norm.NormAccumulators): token n of a sequence of
+// `tokens` is group 0 (CLS) if n < num_cls, 1 (registers) if n < num_prefix, else 2 (patches).
+struct NormMonitorArgs {
+  int64_t tokens, num_cls, num_prefix;
+  float threshold;     // +inf: no outliers counted
+  const float* edges;  // ascending inner histogram edges; a norm's bin is the number of edges below it
+  int num_edges;
+  float* prefix_norms;  // (B, num_prefix)
+  float* patch_norms;   // (B, tokens - num_prefix)
+  int64_t* count;
+  double* total;
+  double* total_sq;
+  float* maximum;
+  int64_t* outliers;
+  int64_t* histogram;  // (3, num_edges + 1)
+};
+
+constexpr int kMaxBins = 64;
+
+// The forward over rows (b, n) of (B, N, C), plus the norm monitor's reduction in the same pass: each block loops
+// over rows (grid = a few blocks per SM), lane 0 of each warp keeps its rows' per-group count, sums, max and
+// outliers in registers and the block's histogram in shared memory; at the end one atomic per (warp, statistic,
+// group) and per (block, non-empty bin) adds them to the accumulators.
+template <typename T, int VEC, int kCached>
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+    layer_norm_fwd_monitored_kernel(const T* __restrict__ x, const float* __restrict__ weight,
+                                    const float* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean_out,
+                                    float* __restrict__ rstd_out, int64_t rows, int C, float eps, NormMonitorArgs m) {
+  __shared__ int histogram[3 * kMaxBins];
+  const int bins = m.num_edges + 1;
+  for (int i = threadIdx.x; i < 3 * bins; i += blockDim.x) histogram[i] = 0;
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  int64_t count[3] = {0, 0, 0}, outliers[3] = {0, 0, 0};
+  double total[3] = {0.0, 0.0, 0.0}, total_sq[3] = {0.0, 0.0, 0.0};
+  float maximum[3] = {0.f, 0.f, 0.f};
+  const int64_t stride = int64_t(gridDim.x) * kRowsPerBlock;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32; row < rows; row += stride) {
+    float mean, rstd;
+    const float norm =
+        sqrtf(normalize_row<T, VEC, kCached>(x + row * C, y + row * C, weight, bias, C, eps, lane, mean, rstd));
+    int below = 0;  // torch.bucketize(norm, edges): the lanes count the edges strictly below the norm
+    for (int e = lane; e < m.num_edges; e += 32) below += m.edges[e] < norm ? 1 : 0;
+    below = warp_sum_int(below);
+    if (lane == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+      const int64_t token = row % m.tokens, image = row / m.tokens;
+      const int g = (token >= m.num_cls ? 1 : 0) + (token >= m.num_prefix ? 1 : 0);
+      if (g == 2) {
+        m.patch_norms[image * (m.tokens - m.num_prefix) + token - m.num_prefix] = norm;
+      } else {
+        m.prefix_norms[image * m.num_prefix + token] = norm;
+      }
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {  // unrolled selects: the per-group statistics stay in registers
+        if (k != g) continue;
+        count[k] += 1;
+        total[k] += double(norm);
+        total_sq[k] += double(norm) * double(norm);
+        maximum[k] = fmaxf(maximum[k], norm);
+        outliers[k] += norm > m.threshold ? 1 : 0;
+      }
+      atomic_add(&histogram[g * bins + below], 1);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      if (count[g] == 0) continue;
+      atomic_add(m.count + g, count[g]);
+      atomic_add(m.total + g, total[g]);
+      atomic_add(m.total_sq + g, total_sq[g]);
+      atomic_max_nonnegative(m.maximum + g, maximum[g]);
+      if (outliers[g] != 0) atomic_add(m.outliers + g, outliers[g]);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 3 * bins; i += blockDim.x) {
+    if (histogram[i] != 0) atomic_add(m.histogram + i, int64_t(histogram[i]));
   }
 }
 
@@ -132,7 +232,80 @@ void launch(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, 
   REGKERN_LAUNCH_CHECK();
 }
 
+template <typename T>
+void launch_monitored(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, at::Tensor& mean,
+                      at::Tensor& rstd, int64_t rows, int C, float eps, const NormMonitorArgs& m,
+                      regkern_stream_t stream) {
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  // few blocks, each over many rows: the atomics per call stay ~ blocks x (warps x groups + non-empty bins)
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(8) * REGKERN_MULTIPROCESSORS())));
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  T* yp = reinterpret_cast<T*>(y.data_ptr());
+  const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
+  auto kernel = !vec              ? layer_norm_fwd_monitored_kernel<T, 1, 0>
+                : C <= 32 * 8 * 4 ? layer_norm_fwd_monitored_kernel<T, 8, 4>
+                : C <= 32 * 8 * 8 ? layer_norm_fwd_monitored_kernel<T, 8, 8>
+                                  : layer_norm_fwd_monitored_kernel<T, 8, 0>;
+  REGKERN_LAUNCH(kernel, grid, kRowsPerBlock * 32, stream, xp, w, b, yp, mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                 rows, C, eps, m);
+  REGKERN_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cuda(
+    const at::Tensor& x_in, const OptTensor& weight, const OptTensor& bias, double eps, int64_t num_cls,
+    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, at::Tensor& count, at::Tensor& total,
+    at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers, at::Tensor& histogram) {
+  const int64_t C = check_layer_norm_args(x_in, weight, bias, eps);
+  check_norm_monitor_args(x_in, num_cls, num_prefix, inner_edges, count, total, total_sq, maximum, outliers, histogram);
+  TORCH_CHECK(inner_edges.numel() + 1 <= kMaxBins, "inner_edges: at most ", kMaxBins - 1, " edges, got ",
+              inner_edges.numel());
+  REGKERN_DEVICE_CHECK(x_in, "x");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "x: the CUDA LayerNorm kernel supports float16, bfloat16 and float32, got ", dtype);
+  TORCH_CHECK(C < (int64_t(1) << 30), "x: last dim C = ", C, " is too large");
+  REGKERN_DEVICE_GUARD(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), rows = B * N;
+  const at::Tensor w = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor edges = inner_edges.contiguous();
+  auto y = new_output(x.sizes(), x.options());
+  auto f32 = x.options().dtype(at::kFloat);
+  auto prefix_norms = new_output({B, num_prefix}, f32), patch_norms = new_output({B, N - num_prefix}, f32);
+  auto mean = new_output({B, N}, f32), rstd = new_output({B, N}, f32);
+  if (rows > 0) {
+    const NormMonitorArgs m{N,
+                            num_cls,
+                            num_prefix,
+                            static_cast<float>(threshold),
+                            edges.data_ptr<float>(),
+                            static_cast<int>(edges.numel()),
+                            prefix_norms.data_ptr<float>(),
+                            patch_norms.data_ptr<float>(),
+                            count.data_ptr<int64_t>(),
+                            total.data_ptr<double>(),
+                            total_sq.data_ptr<double>(),
+                            maximum.data_ptr<float>(),
+                            outliers.data_ptr<int64_t>(),
+                            histogram.data_ptr<int64_t>()};
+    regkern_stream_t stream = REGKERN_STREAM;
+    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    const int c = static_cast<int>(C);
+    const float e = static_cast<float>(eps);
+    if (dtype == at::kHalf) {
+      launch_monitored<__half>(x, wp, bp, y, mean, rstd, rows, c, e, m, stream);
+    } else if (dtype == at::kBFloat16) {
+      launch_monitored<__nv_bfloat16>(x, wp, bp, y, mean, rstd, rows, c, e, m, stream);
+    } else {
+      launch_monitored<float>(x, wp, bp, y, mean, rstd, rows, c, e, m, stream);
+    }
+  }
+  return {y, prefix_norms, patch_norms, mean, rstd};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x_in,
                                                                                const OptTensor& weight,

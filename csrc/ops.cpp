@@ -10,6 +10,11 @@
 //     out_norm: (B, N) float32, L2 norm of each token's float32 output over all heads, or (0,) when not wanted.
 //   cuda_layer_norm_fwd(x, weight?, bias?, eps) -> (y, norms, mean, rstd)
 //     x: (..., C); y: x's shape and dtype, contiguous; norms/mean/rstd: x.shape[:-1] float32.
+//   cuda_layer_norm_fwd_monitored(x, weight?, bias?, eps, num_cls, num_prefix, threshold, inner_edges, count!,
+//                                 total!, total_sq!, maximum!, outliers!, histogram!)
+//       -> (y, prefix_norms, patch_norms, mean, rstd)
+//     x: (B, N, C); the LayerNorm forward plus the norm monitor's per-group reduction (reference.norm_statistics)
+//     added in place to the accumulators; prefix_norms (B, P), patch_norms (B, N - P), mean/rstd (B, N) float32.
 //   cuda_embed_tokens(x, pos_embed?, cls_token?, reg_token?, no_embed_class) -> (B, P + M, C)
 //     x: (B, M, C) or (B, Hp, Wp, C); pos_embed: (1, M, C) when no_embed_class else (1, P + M, C);
 //     cls_token: (1, 1, C); reg_token: (1, R, C); all of x's dtype.
@@ -20,6 +25,8 @@
 #include <cstdlib>
 #include <limits>
 #include <sstream>
+#include <string>
+#include <utility>
 
 #include "regkern.h"
 
@@ -86,6 +93,31 @@ int64_t check_layer_norm_args(const at::Tensor& x, const OptTensor& weight, cons
   }
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite float >= 0, got ", eps);
   return C;
+}
+
+void check_norm_monitor_args(const at::Tensor& x, int64_t num_cls, int64_t num_prefix, const at::Tensor& inner_edges,
+                             const at::Tensor& count, const at::Tensor& total, const at::Tensor& total_sq,
+                             const at::Tensor& maximum, const at::Tensor& outliers, const at::Tensor& histogram) {
+  TORCH_CHECK(x.dim() == 3, "x: the norm monitor expects tokens (B, N, C), got shape ", shape_of(x));
+  TORCH_CHECK(0 <= num_cls && num_cls <= num_prefix && num_prefix <= x.size(1),
+              "num_prefix: expected 0 <= num_cls <= num_prefix <= N = ", x.size(1), ", got ", num_cls, ", ",
+              num_prefix);
+  TORCH_CHECK(inner_edges.dim() == 1 && inner_edges.scalar_type() == at::kFloat && inner_edges.device() == x.device(),
+              "inner_edges: expected a 1-dim float32 tensor on ", x.device());
+  const int64_t bins = inner_edges.numel() + 1;
+  const std::pair<const char*, std::pair<const at::Tensor*, at::ScalarType>> buffers[] = {
+      {"count", {&count, at::kLong}},         {"total", {&total, at::kDouble}},
+      {"total_sq", {&total_sq, at::kDouble}}, {"maximum", {&maximum, at::kFloat}},
+      {"outliers", {&outliers, at::kLong}},   {"histogram", {&histogram, at::kLong}}};
+  for (const auto& [name, spec] : buffers) {
+    const at::Tensor& t = *spec.first;
+    const bool hist = std::string(name) == "histogram";
+    const bool shape_ok =
+        hist ? (t.dim() == 2 && t.size(0) == 3 && t.size(1) == bins) : (t.dim() == 1 && t.size(0) == 3);
+    TORCH_CHECK(shape_ok && t.scalar_type() == spec.second && t.device() == x.device() && t.is_contiguous(), name,
+                ": expected a contiguous ", spec.second, " tensor of shape ", hist ? "(3, bins)" : "(3,)", " on ",
+                x.device(), ", got ", t.scalar_type(), " ", shape_of(t), " on ", t.device());
+  }
 }
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -180,6 +212,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(co
   return {y, norms, mean.to(at::kFloat).contiguous(), rstd};
 }
 
+// reference.norm_statistics in ATen, added to the accumulators: the C++ reference of the monitored forward
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cpu(
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, int64_t num_cls,
+    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, at::Tensor& count, at::Tensor& total,
+    at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers, at::Tensor& histogram) {
+  check_layer_norm_args(x, weight, bias, eps);
+  check_norm_monitor_args(x, num_cls, num_prefix, inner_edges, count, total, total_sq, maximum, outliers, histogram);
+  auto [y, norms, mean, rstd] = layer_norm_fwd_cpu(x, weight, bias, eps);
+  const int64_t B = x.size(0), N = x.size(1), bins = inner_edges.numel() + 1;
+  const at::Tensor token = at::arange(N, x.options().dtype(at::kLong));
+  const at::Tensor group = ((token >= num_cls).to(at::kLong) + (token >= num_prefix).to(at::kLong)).expand({B, N});
+  const at::Tensor g = group.reshape({-1}), flat = norms.reshape({-1});
+  const at::Tensor wide = flat.to(at::kDouble);
+  count.index_add_(0, g, at::ones_like(g));
+  total.index_add_(0, g, wide);
+  total_sq.index_add_(0, g, wide * wide);
+  outliers.index_add_(0, g, (flat > threshold).to(at::kLong));
+  maximum.scatter_reduce_(0, g, flat, "amax", /*include_self=*/true);
+  const at::Tensor bucket = at::bucketize(flat, inner_edges);
+  histogram.view({-1}).index_add_(0, g * bins + bucket, at::ones_like(bucket));
+  // copies, not views: op outputs may not alias each other
+  return {y, norms.narrow(1, 0, num_prefix).clone(), norms.narrow(1, num_prefix, N - num_prefix).clone(), mean, rstd};
+}
+
 at::Tensor embed_tokens_cpu(const at::Tensor& x_in, const OptTensor& pos_embed, const OptTensor& cls_token,
                             const OptTensor& reg_token, bool no_embed_class) {
   const EmbedShape s = check_embed_args(x_in, pos_embed, cls_token, reg_token, no_embed_class);
@@ -211,6 +267,10 @@ TORCH_LIBRARY(regkern, m) {
       "int num_prefix, bool want_out_norm) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "cuda_layer_norm_fwd_monitored(Tensor x, Tensor? weight, Tensor? bias, float eps, int num_cls, int num_prefix, "
+      "float threshold, Tensor inner_edges, Tensor(a!) count, Tensor(b!) total, Tensor(c!) total_sq, "
+      "Tensor(d!) maximum, Tensor(e!) outliers, Tensor(f!) histogram) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "cuda_embed_tokens(Tensor x, Tensor? pos_embed, Tensor? cls_token, Tensor? reg_token, "
       "bool no_embed_class) -> Tensor");
 }
@@ -219,6 +279,7 @@ TORCH_LIBRARY(regkern, m) {
 TORCH_LIBRARY_IMPL(regkern, CPU, m) {
   m.impl("cuda_attention_fwd", &attention_fwd_cpu);
   m.impl("cuda_layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("cuda_layer_norm_fwd_monitored", &layer_norm_fwd_monitored_cpu);
   m.impl("cuda_embed_tokens", &embed_tokens_cpu);
 }
 #else
@@ -226,6 +287,7 @@ TORCH_LIBRARY_IMPL(regkern, CPU, m) {
 TORCH_LIBRARY_IMPL(regkern, CPU, m) {
   m.impl("cuda_attention_fwd", &attention_fwd_cuda);
   m.impl("cuda_layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("cuda_layer_norm_fwd_monitored", &layer_norm_fwd_monitored_cuda);
   m.impl("cuda_embed_tokens", &embed_tokens_cuda);
 }
 #endif
@@ -234,6 +296,7 @@ TORCH_LIBRARY_IMPL(regkern, CPU, m) {
 TORCH_LIBRARY_IMPL(regkern, CUDA, m) {
   m.impl("cuda_attention_fwd", &attention_fwd_cuda);
   m.impl("cuda_layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("cuda_layer_norm_fwd_monitored", &layer_norm_fwd_monitored_cuda);
   m.impl("cuda_embed_tokens", &embed_tokens_cuda);
 }
 #endif

@@ -27,6 +27,13 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
 
 int64_t check_layer_norm_args(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps);
 
+// the monitored LayerNorm's extra arguments: x (B, N, C); 0 <= num_cls <= num_prefix <= N; inner_edges float32;
+// accumulators on x's device, contiguous: count, outliers (3,) int64, total, total_sq (3,) float64, maximum (3,)
+// float32, histogram (3, edges + 1) int64
+void check_norm_monitor_args(const at::Tensor& x, int64_t num_cls, int64_t num_prefix, const at::Tensor& inner_edges,
+                             const at::Tensor& count, const at::Tensor& total, const at::Tensor& total_sq,
+                             const at::Tensor& maximum, const at::Tensor& outliers, const at::Tensor& histogram);
+
 struct EmbedShape {
   int64_t B, M, C, P, R;
   bool has_cls;
@@ -51,6 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
                                                                                const OptTensor& weight,
                                                                                const OptTensor& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cuda(
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, int64_t num_cls,
+    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, at::Tensor& count, at::Tensor& total,
+    at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers, at::Tensor& histogram);
 
 at::Tensor embed_tokens_cuda(const at::Tensor& x, const OptTensor& pos_embed, const OptTensor& cls_token,
                              const OptTensor& reg_token, bool no_embed_class);

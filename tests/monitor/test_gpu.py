@@ -38,3 +38,25 @@ def test_monitored_model_matches_unmonitored_bits_and_captures_in_cuda_graph():
     report = monitor.report()
     assert report.rows[0]["count"] == 3 * 8  # 3 replays x 8 CLS tokens in layer 0
     assert monitor.attention_maps(-1).shape == (8, 6, 5, 16, 16)
+
+
+def test_fused_norm_reductions_agree_on_gpu():
+    """The norm reduction inside the Triton LayerNorm kernel, inside its CUDA twin, and the PyTorch reference: the
+    same counts, outliers and histograms, sums to float tolerance (bf16 model, planted high-norm tokens)."""
+    timm = pytest.importorskip("timm")
+    if regkern.cuda_ext.not_loaded_reasons("cuda"):
+        pytest.skip("the CUDA extension is not available")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=112).cuda().eval()
+    x = torch.randn(4, 3, 112, 112, device="cuda") * 20
+    reports = {}
+    for norm_backend in ("triton", "cuda", "reference"):
+        model = regkern.patch_timm(copy.deepcopy(base), monitor={"norm_backend": norm_backend, "threshold": 50.0})
+        with torch.no_grad():
+            model(x)
+        reports[norm_backend] = regkern.get_monitor(model).report()
+    for name in ("triton", "cuda"):
+        for got, want in zip(reports[name].rows, reports["reference"].rows):
+            assert (got["count"], got["outliers"]) == (want["count"], want["outliers"]), name
+            assert sum(abs(a - b) for a, b in zip(got["histogram"], want["histogram"])) <= 2, name  # edge ties
+            assert got["mean"] == pytest.approx(want["mean"], rel=1e-5, abs=1e-6), name

@@ -132,3 +132,55 @@ def test_emulated_layer_norm_unaligned_rows_take_the_scalar_path(emu):
     y_ref, norms_ref = reference.layer_norm_with_norms(x.float(), None, None, 1e-5)
     assert max_error(y, y_ref) <= 2 * max_error(torch.nn.functional.layer_norm(x, (C,), eps=1e-5), y_ref) + 2e-5
     torch.testing.assert_close(norms, norms_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "B, N, C, num_cls, num_prefix",
+    [(2, 21, 64, 1, 5), (3, 17, 100, 0, 4), (2, 9, 768, 1, 1), (1, 1, 32, 0, 0)],
+    ids=[
+        case_id("cls1", B=2, N=21, C=64, P=5),
+        case_id("scalar-cls0", B=3, N=17, C=100, P=4),
+        case_id("cached4-cls1", B=2, N=9, C=768, P=1),
+        case_id("cls0", B=1, N=1, C=32, P=0),
+    ],
+)
+def test_emulated_monitored_layer_norm_equals_the_reference_reduction(emu, B, N, C, num_cls, num_prefix):
+    """The CUDA twin of the fused norm-monitor reduction (two emulated "SMs": each block loops over many rows, the
+    warps' and blocks' partial statistics meet in atomics): counts, outliers and histograms exactly, sums to float
+    tolerance, added to accumulators that already hold values."""
+    g = torch.Generator().manual_seed(B * N + C)
+    x = torch.randn(B, N, C, generator=g) * (torch.rand(B, N, 1, generator=g) * 4 + 0.1)
+    x.view(-1, C)[::3] *= 20  # planted high-norm tokens
+    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    edges = torch.logspace(-2, 4, 49, dtype=torch.float64)[1:-1].float()
+    acc = [
+        torch.randint(0, 9, (3,), generator=g),
+        torch.rand(3, generator=g, dtype=torch.float64),
+        torch.rand(3, generator=g, dtype=torch.float64),
+        torch.rand(3, generator=g),
+        torch.randint(0, 9, (3,), generator=g),
+        torch.randint(0, 9, (3, 48), generator=g),
+    ]
+    before = [t.clone() for t in acc]
+    y, prefix_norms, patch_norms, mean, rstd = emu.cuda_layer_norm_fwd_monitored(
+        x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, *acc
+    )
+    y_ref, norms_ref = reference.layer_norm_with_norms(x, w, b, 1e-6)
+    assert max_error(y, y_ref) <= 2e-5
+    norms = torch.cat((prefix_norms, patch_norms), dim=1)
+    torch.testing.assert_close(norms, norms_ref, atol=1e-4, rtol=1e-5)
+    want = reference.norm_statistics(norms, num_cls, num_prefix, 25.0, edges)
+    count, total, total_sq, maximum, outliers, histogram = acc
+    assert torch.equal(count, before[0] + want.count)
+    assert torch.equal(outliers, before[4] + want.outliers)
+    assert torch.equal(histogram, before[5] + want.histogram)
+    assert int(want.outliers.sum()) > 0
+    torch.testing.assert_close(total, before[1] + want.total, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(total_sq, before[2] + want.total_sq, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(maximum, torch.maximum(before[3], want.maximum), rtol=0, atol=0)
+    var, mu = torch.var_mean(x, dim=-1, correction=0)
+    torch.testing.assert_close(mean, mu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-6), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="total: expected a contiguous Double"):
+        emu.cuda_layer_norm_fwd_monitored(x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, acc[0], acc[1].float(),
+                                          *acc[2:])  # fmt: skip

@@ -223,8 +223,8 @@ def test_embed_tokens_backend_cuda_cpu_matches_reference_and_grads(ext, no_embed
 
 def test_embed_tokens_backend_errors_name_backend():
     x = torch.randn(2, 4, 8)
-    with pytest.raises(ValueError, match="backend: unknown embed_tokens backend 'triton'"):
-        regkern.embed_tokens(x, backend="triton")
+    with pytest.raises(ValueError, match="backend: unknown embed_tokens backend 'trition'"):
+        regkern.embed_tokens(x, backend="trition")
     with pytest.raises(ValueError, match="pos_embed is torch.float64"):
         regkern.embed_tokens(x, torch.randn(1, 4, 8, dtype=torch.float64), no_embed_class=True, backend="cuda")
 
@@ -238,7 +238,7 @@ def test_opcheck_attention(ext):
     q, k, v = packed_qkv(2, 9, 2, 16)
     reg_k, reg_v = registers(2, 3, 2, 16, shared=True)
     args = [t.clone().requires_grad_() for t in (q, k, v, reg_k, reg_v)]
-    op_args = (*args, None, None, None, None, None, 0.25, 1, False, 0.0, False, True, False, False, "cuda")
+    op_args = (*args, None, None, None, None, None, 0.25, 1, False, 0.0, False, True, False, False, False, "cuda")
     torch.library.opcheck(attention_fwd, op_args)
     raw = [t.detach() for t in args]
     torch.library.opcheck(
@@ -473,3 +473,30 @@ def test_layer_norm_auto_follows_the_measured_table(ext, tmp_path, monkeypatch):
         assert choose_layer_norm_backend(None, "cuda", torch.bfloat16, 1024)[0] == "triton"
     finally:
         dispatch_table.clear_cache()
+
+
+@pytest.mark.parametrize("impl", ["cuda", "reference"])
+def test_opcheck_monitored_layer_norm(ext, impl):
+    """The monitored forward mutates its accumulators: its schema says so (test_schema compares the declared and the
+    observed mutations), and its fakes match."""
+    from regkern.ops.layer_norm import layer_norm_fwd_monitored
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 7, 16, generator=g) * 5, torch.randn(16, generator=g)
+    edges = torch.logspace(-2, 4, 49, dtype=torch.float64)[1:-1].float()
+
+    def accumulators():
+        return (
+            torch.zeros(3, dtype=torch.int64),
+            torch.zeros(3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.float64),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.int64),
+            torch.zeros(3, 48, dtype=torch.int64),
+        )
+
+    utils = ("test_schema", "test_faketensor")
+    args = (x, w, None, 1e-6, impl, 1, 3, 10.0, edges, *accumulators())
+    torch.library.opcheck(layer_norm_fwd_monitored, args, test_utils=utils)
+    raw = (x, w, None, 1e-6, 1, 3, 10.0, edges, *accumulators())
+    torch.library.opcheck(torch.ops.regkern.cuda_layer_norm_fwd_monitored.default, raw, test_utils=utils)

@@ -66,7 +66,8 @@ def layer_norm_monitored(
 
     Returns y (x's shape and dtype; differentiable in x, weight, bias), prefix_norms (B, P) and patch_norms
     (B, N - P) float32 with P = ``accumulators.num_prefix``. On "triton" the reduction runs inside the LayerNorm
-    kernel (one launch); "cuda" and "reference" reduce with PyTorch after their forward. Under CUDA autocast the
+    kernel (one launch), on "cuda" inside the extension's kernel (its C++ reference on CPU tensors); "reference"
+    reduces with PyTorch after its forward. Under CUDA autocast the
     LayerNorm runs in float32, as ``F.layer_norm`` does."""
     check_layer_norm_inputs(x, weight, bias, eps)
     accumulators.check(x)

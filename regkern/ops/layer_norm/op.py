@@ -17,8 +17,9 @@ implementations and registered autograd, they compose with ``torch.compile(fullg
 
 ``layer_norm_fwd_monitored`` is the forward with the norm monitor's reduction (``reference.norm_statistics``) added in
 place to the accumulators (x is (B, N, C)); it mutates its arguments, so its autograd (the same backward) is the
-``torch.autograd.Function`` in ``function.py``. "triton" fuses the reduction into the LayerNorm kernel (atomics);
-"cuda" and "reference" run their forward and then the reference reduction (the CUDA kernel has no fused twin yet).
+``torch.autograd.Function`` in ``function.py``. "triton" fuses the reduction into the LayerNorm kernel (atomics),
+"cuda" into the extension's kernel (its C++ reference on CPU tensors); "reference" runs its forward and then the
+reference reduction.
 
 Under CUDA autocast the forward runs in float32, as ``F.layer_norm`` does.
 """
@@ -292,6 +293,10 @@ def layer_norm_fwd_monitored(
         if problem:
             raise ValueError(f"impl: 'triton' cannot run: {problem}")
         return triton_kernels().layer_norm_forward_monitored(x, weight, bias, eps, acc)
+    if impl == "cuda":
+        if x.is_cuda and x.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"impl: 'cuda' supports float16, bfloat16 and float32 CUDA inputs, got x of {x.dtype}")
+        return cuda.layer_norm_forward_monitored(x, weight, bias, eps, acc)
     y, norms, mean, rstd = layer_norm_fwd(x, weight, bias, eps, impl)
     stats = reference.norm_statistics(norms, num_cls, num_prefix, threshold, inner_edges)
     for buffer, part in zip(acc.buffers(), stats):
