@@ -139,8 +139,9 @@ struct NormMonitorArgs {
   float threshold;     // +inf: no outliers counted
   const float* edges;  // ascending inner histogram edges; a norm's bin is the number of edges below it
   int num_edges;
-  float* prefix_norms;  // (B, num_prefix)
-  float* patch_norms;   // (B, tokens - num_prefix)
+  float* prefix_norms;  // (B, num_prefix), or nullptr: not written
+  float* patch_norms;   // (B, tokens - num_prefix), or nullptr
+  int64_t* candidates;  // (warps of the grid, kTopK): each warp's largest packed patch keys, -1 for none
   int64_t* count;
   double* total;
   double* total_sq;
@@ -150,6 +151,7 @@ struct NormMonitorArgs {
 };
 
 constexpr int kMaxBins = 64;
+constexpr int kTopK = 16;  // candidates per warp: top_k <= 16
 
 // The forward over rows (b, n) of (B, N, C), plus the norm monitor's reduction in the same pass: each block loops
 // over rows (grid = a few blocks per SM), lane 0 of each warp keeps its rows' per-group count, sums, max and
@@ -168,6 +170,9 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
   int64_t count[3] = {0, 0, 0}, outliers[3] = {0, 0, 0};
   double total[3] = {0.0, 0.0, 0.0}, total_sq[3] = {0.0, 0.0, 0.0};
   float maximum[3] = {0.f, 0.f, 0.f};
+  int64_t top[kTopK];  // lane 0: the warp's largest keys (norm bits << 32 | patch index); unrolled, in registers
+#pragma unroll
+  for (int i = 0; i < kTopK; ++i) top[i] = -1;
   const int64_t stride = int64_t(gridDim.x) * kRowsPerBlock;
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32; row < rows; row += stride) {
     float mean, rstd;
@@ -182,8 +187,23 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
       const int64_t token = row % m.tokens, image = row / m.tokens;
       const int g = (token >= m.num_cls ? 1 : 0) + (token >= m.num_prefix ? 1 : 0);
       if (g == 2) {
-        m.patch_norms[image * (m.tokens - m.num_prefix) + token - m.num_prefix] = norm;
-      } else {
+        const int64_t patch = image * (m.tokens - m.num_prefix) + token - m.num_prefix;
+        if (m.patch_norms != nullptr) m.patch_norms[patch] = norm;
+        int32_t bits;
+        memcpy(&bits, &norm, 4);  // non-negative float bits order as integers
+        const int64_t key = (int64_t(bits) << 32) | patch;
+        int smallest = 0;  // static indices only (after unrolling): the keys stay in registers
+        int64_t smallest_key = top[0];
+#pragma unroll
+        for (int i = 1; i < kTopK; ++i) {
+          if (top[i] < smallest_key) {
+            smallest_key = top[i];
+            smallest = i;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kTopK; ++i) top[i] = (i == smallest && key > smallest_key) ? key : top[i];
+      } else if (m.prefix_norms != nullptr) {
         m.prefix_norms[image * m.num_prefix + token] = norm;
       }
 #pragma unroll
@@ -199,6 +219,9 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     }
   }
   if (lane == 0) {
+    const int64_t warp = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+#pragma unroll
+    for (int i = 0; i < kTopK; ++i) m.candidates[warp * kTopK + i] = top[i];
 #pragma unroll
     for (int g = 0; g < 3; ++g) {
       if (count[g] == 0) continue;
@@ -232,13 +255,17 @@ void launch(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, 
   REGKERN_LAUNCH_CHECK();
 }
 
+int64_t monitored_blocks(int64_t rows) {
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  // few blocks, each over many rows: the atomics per call stay ~ blocks x (warps x groups + non-empty bins)
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(8) * REGKERN_MULTIPROCESSORS()));
+}
+
 template <typename T>
 void launch_monitored(const at::Tensor& x, const float* w, const float* b, at::Tensor& y, at::Tensor& mean,
                       at::Tensor& rstd, int64_t rows, int C, float eps, const NormMonitorArgs& m,
                       regkern_stream_t stream) {
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  // few blocks, each over many rows: the atomics per call stay ~ blocks x (warps x groups + non-empty bins)
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(8) * REGKERN_MULTIPROCESSORS())));
+  const dim3 grid(static_cast<unsigned>(monitored_blocks(rows)));
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   const bool vec = C % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
@@ -253,14 +280,16 @@ void launch_monitored(const at::Tensor& x, const float* w, const float* b, at::T
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cuda(
     const at::Tensor& x_in, const OptTensor& weight, const OptTensor& bias, double eps, int64_t num_cls,
-    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, at::Tensor& count, at::Tensor& total,
-    at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers, at::Tensor& histogram) {
+    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, int64_t top_k, bool write_norms,
+    at::Tensor& count, at::Tensor& total, at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers,
+    at::Tensor& histogram) {
   const int64_t C = check_layer_norm_args(x_in, weight, bias, eps);
   check_norm_monitor_args(x_in, num_cls, num_prefix, inner_edges, count, total, total_sq, maximum, outliers, histogram);
   TORCH_CHECK(inner_edges.numel() + 1 <= kMaxBins, "inner_edges: at most ", kMaxBins - 1, " edges, got ",
               inner_edges.numel());
+  TORCH_CHECK(top_k >= 0 && top_k <= kTopK, "top_k: the CUDA kernel keeps at most ", kTopK, " candidates, got ", top_k);
   REGKERN_DEVICE_CHECK(x_in, "x");
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
@@ -274,7 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_nor
   const at::Tensor edges = inner_edges.contiguous();
   auto y = new_output(x.sizes(), x.options());
   auto f32 = x.options().dtype(at::kFloat);
-  auto prefix_norms = new_output({B, num_prefix}, f32), patch_norms = new_output({B, N - num_prefix}, f32);
+  auto prefix_norms = write_norms ? new_output({B, num_prefix}, f32) : new_output({0}, f32);
+  auto patch_norms = write_norms ? new_output({B, N - num_prefix}, f32) : new_output({0}, f32);
+  auto candidates = new_output({monitored_blocks(rows) * kRowsPerBlock * kTopK}, x.options().dtype(at::kLong));
   auto mean = new_output({B, N}, f32), rstd = new_output({B, N}, f32);
   if (rows > 0) {
     const NormMonitorArgs m{N,
@@ -283,8 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_nor
                             static_cast<float>(threshold),
                             edges.data_ptr<float>(),
                             static_cast<int>(edges.numel()),
-                            prefix_norms.data_ptr<float>(),
-                            patch_norms.data_ptr<float>(),
+                            write_norms ? prefix_norms.data_ptr<float>() : nullptr,
+                            write_norms ? patch_norms.data_ptr<float>() : nullptr,
+                            candidates.data_ptr<int64_t>(),
                             count.data_ptr<int64_t>(),
                             total.data_ptr<double>(),
                             total_sq.data_ptr<double>(),
@@ -304,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_nor
       launch_monitored<float>(x, wp, bp, y, mean, rstd, rows, c, e, m, stream);
     }
   }
-  return {y, prefix_norms, patch_norms, mean, rstd};
+  return {y, prefix_norms, patch_norms, candidates, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x_in,

@@ -10,11 +10,13 @@
 //     out_norm: (B, N) float32, L2 norm of each token's float32 output over all heads, or (0,) when not wanted.
 //   cuda_layer_norm_fwd(x, weight?, bias?, eps) -> (y, norms, mean, rstd)
 //     x: (..., C); y: x's shape and dtype, contiguous; norms/mean/rstd: x.shape[:-1] float32.
-//   cuda_layer_norm_fwd_monitored(x, weight?, bias?, eps, num_cls, num_prefix, threshold, inner_edges, count!,
-//                                 total!, total_sq!, maximum!, outliers!, histogram!)
-//       -> (y, prefix_norms, patch_norms, mean, rstd)
+//   cuda_layer_norm_fwd_monitored(x, weight?, bias?, eps, num_cls, num_prefix, threshold, inner_edges, top_k,
+//                                 write_norms, count!, total!, total_sq!, maximum!, outliers!, histogram!)
+//       -> (y, prefix_norms, patch_norms, candidates, mean, rstd)
 //     x: (B, N, C); the LayerNorm forward plus the norm monitor's per-group reduction (reference.norm_statistics)
-//     added in place to the accumulators; prefix_norms (B, P), patch_norms (B, N - P), mean/rstd (B, N) float32.
+//     added in place to the accumulators; prefix_norms (B, P), patch_norms (B, N - P) float32 ((0,) unless
+//     write_norms); candidates int64 packed keys (reference.patch_norm_keys, -1 = none) holding the top_k largest
+//     patch norms; mean/rstd (B, N) float32.
 //   cuda_embed_tokens(x, pos_embed?, cls_token?, reg_token?, no_embed_class) -> (B, P + M, C)
 //     x: (B, M, C) or (B, Hp, Wp, C); pos_embed: (1, M, C) when no_embed_class else (1, P + M, C);
 //     cls_token: (1, 1, C); reg_token: (1, R, C); all of x's dtype.
@@ -123,7 +125,13 @@ void check_norm_monitor_args(const at::Tensor& x, int64_t num_cls, int64_t num_p
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
   const char* fill = std::getenv("REGKERN_DEBUG_NAN_FILL");
-  if (fill != nullptr && fill[0] == '1') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (fill != nullptr && fill[0] == '1') {  // integer outputs get a value no kernel writes (-2: below every key)
+    if (at::isFloatingType(t.scalar_type())) {
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      t.fill_(-2);
+    }
+  }
   return t;
 }
 
@@ -213,10 +221,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(co
 }
 
 // reference.norm_statistics in ATen, added to the accumulators: the C++ reference of the monitored forward
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cpu(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, int64_t num_cls,
-    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, at::Tensor& count, at::Tensor& total,
-    at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers, at::Tensor& histogram) {
+    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, int64_t top_k, bool write_norms,
+    at::Tensor& count, at::Tensor& total, at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers,
+    at::Tensor& histogram) {
   check_layer_norm_args(x, weight, bias, eps);
   check_norm_monitor_args(x, num_cls, num_prefix, inner_edges, count, total, total_sq, maximum, outliers, histogram);
   auto [y, norms, mean, rstd] = layer_norm_fwd_cpu(x, weight, bias, eps);
@@ -232,8 +241,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_nor
   maximum.scatter_reduce_(0, g, flat, "amax", /*include_self=*/true);
   const at::Tensor bucket = at::bucketize(flat, inner_edges);
   histogram.view({-1}).index_add_(0, g * bins + bucket, at::ones_like(bucket));
+  // every patch is a top-k candidate: key = norm bits << 32 | flat patch index (reference.patch_norm_keys)
+  const at::Tensor patches = norms.narrow(1, num_prefix, N - num_prefix).contiguous().reshape({-1});
+  const at::Tensor candidates = at::bitwise_or(at::bitwise_left_shift(patches.view(at::kInt).to(at::kLong), 32),
+                                               at::arange(patches.numel(), patches.options().dtype(at::kLong)));
+  (void)top_k;
+  if (!write_norms) {
+    const at::Tensor none = at::empty({0}, norms.options());
+    return {y, none, none.clone(), candidates, mean, rstd};
+  }
   // copies, not views: op outputs may not alias each other
-  return {y, norms.narrow(1, 0, num_prefix).clone(), norms.narrow(1, num_prefix, N - num_prefix).clone(), mean, rstd};
+  return {y,
+          norms.narrow(1, 0, num_prefix).clone(at::MemoryFormat::Contiguous),
+          norms.narrow(1, num_prefix, N - num_prefix).clone(at::MemoryFormat::Contiguous),
+          candidates,
+          mean,
+          rstd};
 }
 
 at::Tensor embed_tokens_cpu(const at::Tensor& x_in, const OptTensor& pos_embed, const OptTensor& cls_token,
@@ -268,8 +291,9 @@ TORCH_LIBRARY(regkern, m) {
   m.def("cuda_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_layer_norm_fwd_monitored(Tensor x, Tensor? weight, Tensor? bias, float eps, int num_cls, int num_prefix, "
-      "float threshold, Tensor inner_edges, Tensor(a!) count, Tensor(b!) total, Tensor(c!) total_sq, "
-      "Tensor(d!) maximum, Tensor(e!) outliers, Tensor(f!) histogram) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float threshold, Tensor inner_edges, int top_k, bool write_norms, Tensor(a!) count, Tensor(b!) total, "
+      "Tensor(c!) total_sq, Tensor(d!) maximum, Tensor(e!) outliers, Tensor(f!) histogram) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_embed_tokens(Tensor x, Tensor? pos_embed, Tensor? cls_token, Tensor? reg_token, "
       "bool no_embed_class) -> Tensor");

@@ -45,7 +45,8 @@ EmbedShape check_embed_args(const at::Tensor& x, const OptTensor& pos_embed, con
 // (B, M, C) view of patch tokens given as (B, M, C) or (B, Hp, Wp, C)
 at::Tensor patches_as_sequence(const at::Tensor& x);
 
-// Fresh output buffers; filled with NaN when $REGKERN_DEBUG_NAN_FILL=1 so tests see elements a kernel left unwritten.
+// Fresh output buffers; filled with NaN (integers: -2) when $REGKERN_DEBUG_NAN_FILL=1 so tests see elements a kernel
+// left unwritten.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // ---- CUDA implementations (attention.cu, layer_norm.cu, embed_tokens.cu) ----
@@ -59,10 +60,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(c
                                                                                const OptTensor& weight,
                                                                                const OptTensor& bias, double eps);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_monitored_cuda(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, int64_t num_cls,
-    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, at::Tensor& count, at::Tensor& total,
-    at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers, at::Tensor& histogram);
+    int64_t num_prefix, double threshold, const at::Tensor& inner_edges, int64_t top_k, bool write_norms,
+    at::Tensor& count, at::Tensor& total, at::Tensor& total_sq, at::Tensor& maximum, at::Tensor& outliers,
+    at::Tensor& histogram);
 
 at::Tensor embed_tokens_cuda(const at::Tensor& x, const OptTensor& pos_embed, const OptTensor& cls_token,
                              const OptTensor& reg_token, bool no_embed_class);

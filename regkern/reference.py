@@ -26,6 +26,8 @@ __all__ = [
     "received_groups",
     "layer_norm_with_norms",
     "NormStatistics",
+    "patch_norm_keys",
+    "unpack_norm_keys",
     "norm_statistics",
     "embed_tokens",
     "apply_rope",
@@ -267,6 +269,21 @@ def norm_statistics(
         outliers=per_group(flat > threshold, torch.int64),
         histogram=histogram.view(G, bins),
     )
+
+
+def patch_norm_keys(patch_norms: torch.Tensor) -> torch.Tensor:
+    """(B, M) float32 patch norms -> (B * M,) int64 keys ``norm bits << 32 | b * M + m``: non-negative float32 bits
+    order as integers, so the largest keys are the largest norms (ties: the later patch), and one ``topk`` over
+    keys gives values and positions at once. ``unpack_norm_keys`` inverts it."""
+    flat = patch_norms.float().contiguous().reshape(-1)
+    bits = flat.view(torch.int32).to(torch.int64)
+    return (bits << 32) | torch.arange(flat.numel(), device=flat.device)
+
+
+def unpack_norm_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed keys (``patch_norm_keys``; -1 = none) -> (norms float32, flat patch indices int64)."""
+    norms = (keys >> 32).to(torch.int32).view(torch.float32)
+    return norms, keys & 0xFFFFFFFF
 
 
 def embed_tokens(

@@ -175,7 +175,7 @@ def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) ->
             f"synthetic artifacts: patch tokens {tokens} of every image multiplied by {PLANT_FACTOR:g} before block "
             f"{args.plant}"
         )
-    monitor = NormMonitor(model, threshold=args.threshold)
+    monitor = NormMonitor(model, threshold=args.threshold, norm_maps=True)
     has_cls = bool(monitor.has_cls)
     args.out.mkdir(parents=True, exist_ok=True)
     out(f"regkern inspect: {args.model} at {size}px on {device}, {len(files)} files; weights: {weights}")

@@ -10,11 +10,13 @@ attention rows of the prefix queries (the CLS/register attention maps).
 Everything stays on the device in preallocated buffers, with no host synchronisation inside forward (CUDA-graph
 capture of a monitored model works); ``report()`` copies once to the host.
 
-Per monitored layer and batch: the LayerNorm kernel (Triton) reduces the norms into the accumulators in the pass that
-normalises (count, sum, sum of squares, max, outliers, histogram; atomics), and one ``topk`` over the (B, N - P) patch
-norms it writes keeps the largest. The PyTorch reduction ``reference.norm_statistics`` is the reference (and the path
-of the "reference" and "cuda" LayerNorm backends). With a relative threshold the outliers need the batch's median
-patch norm, so they are counted after the kernel, from its norms (a few small ops, exact).
+Per monitored layer and batch: the LayerNorm kernel (Triton, or its CUDA twin) reduces the norms into the
+accumulators in the pass that normalises (count, sum, sum of squares, max, outliers, histogram; atomics) and hands out
+per-program top-k candidates (packed norm and position keys), and one ``topk`` over them keeps the largest: 2 launches,
+and no per-token norms leave the kernel unless norm maps (or a relative threshold) ask for them. The PyTorch reduction
+``reference.norm_statistics`` is the reference (and the path of the "reference" LayerNorm backend). With a relative
+threshold the outliers need the batch's median patch norm, so they are counted after the kernel, from its norms (a
+few small ops, exact).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .. import reference
 from ..nn import MonitoredLayerNorm, RegisterAttentionBase
 from ..ops.layer_norm import NormAccumulators
 from ..timm.patching import attach_monitor, detach_monitor, get_monitor, patch_attention
@@ -125,6 +128,8 @@ class NormMonitor:
             keys in the Triton kernel, which reduces it to 4 numbers per (image, head): ``received_groups``).
         attention_maps: keep the last attention rows of the prefix queries (needs CLS or registers).
         enabled: start collecting now (else call ``enable()``).
+        norm_maps: keep the last batch's per-token norms for ``norm_maps()`` (the kernel then writes them; off, no
+            per-token norms leave the kernel).
         norm_backend: LayerNorm backend of the ``MonitoredLayerNorm``s that replace each block's ``norm1`` (None /
             "auto": "triton" on CUDA, where the reduction runs inside the kernel; "reference" elsewhere; "triton"
             on CPU tensors runs the interpreter under TRITON_INTERPRET=1).
@@ -153,6 +158,7 @@ class NormMonitor:
         attention_maps: bool = True,
         enabled: bool = True,
         norm_backend: Optional[str] = None,
+        norm_maps: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -224,9 +230,10 @@ class NormMonitor:
         self.max = torch.zeros(L, G, dtype=torch.float32, device=device)
         self.outliers = torch.zeros(L, G, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(L, G, bins, dtype=torch.int64, device=device)
-        self.top_norms = torch.full((L, top_k), -1.0, dtype=torch.float32, device=device)
-        #: flat indices into the last batch's (B, N - P) patch norms; decoded by ``report()``
-        self.top_indices = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
+        #: the last batch's largest patch norms per layer as packed keys (``reference.patch_norm_keys``: norm bits and
+        #: flat (B, N - P) index; -1 = none); decoded by ``report()``
+        self.top_keys = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
+        self._top_positions_scratch = torch.empty((L, top_k), dtype=torch.int64, device=device)  # topk's indices
         self._patches_per_image: dict[int, int] = {}
         self.share_sum = torch.zeros(L, len(ATTENTION_GROUPS), dtype=torch.float64, device=device)
         self.share_count = torch.zeros(L, dtype=torch.int64, device=device)
@@ -237,9 +244,12 @@ class NormMonitor:
             group_map[1] = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
         self._group_map = group_map.to(device)
         self.last_prefix_rows: dict[int, torch.Tensor] = {}
-        #: the last batch's patch-token norms (B, N - P) entering each block (the kernel's output, no copies)
+        #: the last batch's patch-token norms (B, N - P) entering each block (the kernel's output, no copies); only
+        #: with ``norm_maps=True``
         self.last_patch_norms: dict[int, torch.Tensor] = {}
+        self.collect_norm_maps = bool(norm_maps)
         threshold = self.threshold if self.relative is None else math.inf  # relative: counted after the kernel
+        write_norms = self.collect_norm_maps or self.relative is not None
         self._accumulators = [
             NormAccumulators(
                 self.has_cls,
@@ -252,6 +262,8 @@ class NormMonitor:
                 self.max[i],
                 self.outliers[i],
                 self.histogram[i],
+                top_k,
+                write_norms,
             )  # fmt: skip
             for i in range(L)
         ]
@@ -280,21 +292,22 @@ class NormMonitor:
         return (slice(0, self.has_cls), slice(self.has_cls, self.num_prefix), slice(self.num_prefix, n))
 
     @torch.no_grad()
-    def _record_norms(self, layer: int, prefix_norms: torch.Tensor, patch_norms: torch.Tensor) -> None:
+    def _record_norms(
+        self, layer: int, candidates: torch.Tensor, prefix_norms: torch.Tensor, patch_norms: torch.Tensor, tokens: int
+    ) -> None:
         # the kernel has already added count, sum, sum_sq, max, histogram (and absolute-threshold outliers)
-        self.last_patch_norms[layer] = patch_norms
-        if not patch_norms.numel():
-            return
-        if self.relative is not None:
+        self._patches_per_image[layer] = tokens - self.num_prefix
+        if self.collect_norm_maps:
+            self.last_patch_norms[layer] = patch_norms
+        if self.relative is not None and patch_norms.numel():
             threshold = self.relative * patch_norms.median()
             parts = (prefix_norms[:, : self.has_cls], prefix_norms[:, self.has_cls :], patch_norms)
             self.outliers[layer] += torch.stack([(part > threshold).sum() for part in parts])
-        k = min(self.top_k, patch_norms.numel())
+        k = min(self.top_k, candidates.numel())
         if k < self.top_k:
-            self.top_norms[layer].fill_(-1.0)
-            self.top_indices[layer].fill_(-1)
-        torch.topk(patch_norms.view(-1), k, out=(self.top_norms[layer, :k], self.top_indices[layer, :k]))
-        self._patches_per_image[layer] = patch_norms.shape[1]
+            self.top_keys[layer].fill_(-1)
+        if k:
+            torch.topk(candidates, k, out=(self.top_keys[layer, :k], self._top_positions_scratch[layer, :k]))
 
     @torch.no_grad()
     def _record_attention(self, layer: int, stats) -> None:
@@ -340,8 +353,7 @@ class NormMonitor:
             self.share_count,
         ):
             t.zero_()
-        self.top_norms.fill_(-1.0)
-        self.top_indices.fill_(-1)
+        self.top_keys.fill_(-1)
         # last_prefix_rows are the latest observations, not accumulators: kept (a captured CUDA graph refills them)
 
     def remove(self) -> None:
@@ -367,12 +379,14 @@ class NormMonitor:
             "max",
             "outliers",
             "histogram",
-            "top_norms",
-            "top_indices",
+            "top_keys_high",
+            "top_keys_low",
             "share_sum",
             "share_count",
         )
-        tensors = [getattr(self, n) for n in names]
+        # the int64 keys travel as two exact halves (a float64 holds 53 bits)
+        parts = {"top_keys_high": self.top_keys >> 32, "top_keys_low": self.top_keys & 0xFFFFFFFF}
+        tensors = [parts[n] if n in parts else getattr(self, n) for n in names]
         flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
         host, offset = {}, 0
         for n, t in zip(names, tensors):
@@ -399,9 +413,10 @@ class NormMonitor:
                 )
         top = []
         for layer in range(len(self.blocks)):
-            M = self._patches_per_image.get(layer, 1)
-            pairs = zip(host["top_norms"][layer].tolist(), host["top_indices"][layer].long().tolist())
-            top.append([(v, i // M, i % M + self.num_prefix) for v, i in pairs if v >= 0])
+            M = max(self._patches_per_image.get(layer, 1), 1)
+            keys = (host["top_keys_high"][layer].long() << 32) | host["top_keys_low"][layer].long()
+            values, flat = reference.unpack_norm_keys(keys[keys >= 0])
+            top.append([(v, i // M, i % M + self.num_prefix) for v, i in zip(values.tolist(), flat.tolist())])
         share = []
         if "received_groups" in self.attention_stats:
             for layer in range(len(self.blocks)):
@@ -430,6 +445,8 @@ class NormMonitor:
     def norm_maps(self, layer: int = -1) -> torch.Tensor:
         """The last batch's patch-token norms entering block ``layer`` on the patch grid: (B, grid_h, grid_w)."""
         layer = range(len(self.blocks))[layer]
+        if not self.collect_norm_maps:
+            raise ValueError("norm_maps: not collected (create the monitor with norm_maps=True)")
         if layer not in self.last_patch_norms:
             raise ValueError(f"layer: no norms recorded for layer {layer} yet (run a forward while enabled)")
         patches = self.last_patch_norms[layer]

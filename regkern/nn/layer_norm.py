@@ -56,7 +56,9 @@ class MonitoredLayerNorm(nn.LayerNorm):
             (B, N, C), and each forward adds its token-norm statistics per group (CLS, registers, patches) to them in
             the same pass (on "triton", inside the kernel).
         group_norm_sink: None or a callable; with ``norm_accumulators`` set, ``forward`` calls
-            ``group_norm_sink(prefix_norms, patch_norms)`` with the (B, P) and (B, N - P) float32 norms.
+            ``group_norm_sink(candidates, prefix_norms, patch_norms, N)``: the top-k candidates (int64 packed keys,
+            ``reference.patch_norm_keys``), the (B, P) and (B, N - P) float32 norms ((0,) unless
+            ``norm_accumulators.write_norms``) and the tokens per image.
         backend_name, backend_reason: the backend forward runs and why.
 
     Shapes: ``forward(x)`` takes x (..., C) and returns y of x's shape and dtype.
@@ -114,7 +116,7 @@ class MonitoredLayerNorm(nn.LayerNorm):
         self.requested_backend = backend
         self.norm_sink: Optional[Callable[[torch.Tensor], object]] = None
         self.norm_accumulators: Optional[NormAccumulators] = None
-        self.group_norm_sink: Optional[Callable[[torch.Tensor, torch.Tensor], object]] = None
+        self.group_norm_sink: Optional[Callable[..., object]] = None
         # a module without parameters has no device to follow: the constructor's device/dtype (default CPU)
         self._default_device = torch.device(device if device is not None else "cpu")
         self._default_dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -158,12 +160,15 @@ class MonitoredLayerNorm(nn.LayerNorm):
                 f"x: expected a last dim of {self.normalized_shape[0]} (normalized_shape), got shape {tuple(x.shape)}"
             )
         if self.norm_accumulators is not None:
-            self.norm_accumulators.check(x)
-            y, prefix_norms, patch_norms = apply_layer_norm_monitored(
-                x, self.weight, self.bias, float(self.eps), self.norm_accumulators, self._backend_choice.name
+            acc = self.norm_accumulators
+            acc.check(x)
+            if self.norm_sink is not None and not acc.write_norms:
+                raise ValueError("norm_sink: needs the per-token norms; set norm_accumulators.write_norms")
+            y, prefix_norms, patch_norms, candidates = apply_layer_norm_monitored(
+                x, self.weight, self.bias, float(self.eps), acc, self._backend_choice.name
             )
             if self.group_norm_sink is not None:
-                self.group_norm_sink(prefix_norms, patch_norms)
+                self.group_norm_sink(candidates, prefix_norms, patch_norms, x.shape[1])
             if self.norm_sink is not None:
                 self.norm_sink(torch.cat((prefix_norms, patch_norms), dim=1))
             return y

@@ -252,7 +252,7 @@ def test_maps_use_the_grid_of_the_actual_input_with_dynamic_img_size():
     model = timm.create_model(
         "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=2, dynamic_img_size=True
     ).eval()
-    monitor = regkern.NormMonitor(model)
+    monitor = regkern.NormMonitor(model, norm_maps=True)
     x = torch.randn(2, 3, 28, 70)  # a 2 x 5 patch grid on a model configured for 4 x 4
     seen = []
     handle = model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1)))

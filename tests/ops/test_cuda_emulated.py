@@ -162,8 +162,8 @@ def test_emulated_monitored_layer_norm_equals_the_reference_reduction(emu, B, N,
         torch.randint(0, 9, (3, 48), generator=g),
     ]
     before = [t.clone() for t in acc]
-    y, prefix_norms, patch_norms, mean, rstd = emu.cuda_layer_norm_fwd_monitored(
-        x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, *acc
+    y, prefix_norms, patch_norms, candidates, mean, rstd = emu.cuda_layer_norm_fwd_monitored(
+        x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, 8, True, *acc
     )
     y_ref, norms_ref = reference.layer_norm_with_norms(x, w, b, 1e-6)
     assert max_error(y, y_ref) <= 2e-5
@@ -181,6 +181,17 @@ def test_emulated_monitored_layer_norm_equals_the_reference_reduction(emu, B, N,
     var, mu = torch.var_mean(x, dim=-1, correction=0)
     torch.testing.assert_close(mean, mu, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-6), atol=1e-4, rtol=1e-4)
+    # 16 candidates per warp of the grid (2 emulated SMs x 8 blocks at most, 4 warps each): the top 8 among them
+    assert candidates.numel() % 16 == 0 and bool((candidates >= -1).all())  # every slot written (NaN fill: -2)
+    k = min(8, patch_norms.numel())
+    if k:
+        values, flat = reference.unpack_norm_keys(torch.topk(candidates, k).values)
+        want_values, want_flat = torch.topk(patch_norms.reshape(-1), k)
+        assert torch.equal(values, want_values) and torch.equal(flat, want_flat)
+    _, no_prefix, no_patch, _, _, _ = emu.cuda_layer_norm_fwd_monitored(
+        x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, 8, False, *[t.clone() for t in acc]
+    )
+    assert no_prefix.numel() == no_patch.numel() == 0
     with pytest.raises(RuntimeError, match="total: expected a contiguous Double"):
-        emu.cuda_layer_norm_fwd_monitored(x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, acc[0], acc[1].float(),
-                                          *acc[2:])  # fmt: skip
+        emu.cuda_layer_norm_fwd_monitored(x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, 8, True, acc[0],
+                                          acc[1].float(), *acc[2:])  # fmt: skip

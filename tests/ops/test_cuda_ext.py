@@ -496,7 +496,7 @@ def test_opcheck_monitored_layer_norm(ext, impl):
         )
 
     utils = ("test_schema", "test_faketensor")
-    args = (x, w, None, 1e-6, impl, 1, 3, 10.0, edges, *accumulators())
+    args = (x, w, None, 1e-6, impl, 1, 3, 10.0, edges, 8, True, *accumulators())
     torch.library.opcheck(layer_norm_fwd_monitored, args, test_utils=utils)
-    raw = (x, w, None, 1e-6, 1, 3, 10.0, edges, *accumulators())
+    raw = (x, w, None, 1e-6, 1, 3, 10.0, edges, 8, False, *accumulators())
     torch.library.opcheck(torch.ops.regkern.cuda_layer_norm_fwd_monitored.default, raw, test_utils=utils)

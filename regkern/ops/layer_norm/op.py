@@ -3,7 +3,8 @@
     regkern::layer_norm_fwd(x, weight?, bias?, eps, impl) -> (y, norms, mean, rstd)
     regkern::layer_norm_bwd(dy, x, weight?, bias?, mean, rstd, eps, impl) -> (dx, dweight, dbias)
     regkern::layer_norm_fwd_monitored(x, weight?, bias?, eps, impl, num_cls, num_prefix, threshold, inner_edges,
-        count!, total!, total_sq!, maximum!, outliers!, histogram!) -> (y, prefix_norms, patch_norms, mean, rstd)
+        top_k, write_norms, count!, total!, total_sq!, maximum!, outliers!, histogram!)
+        -> (y, prefix_norms, patch_norms, candidates, mean, rstd)
 
 y has x's shape and dtype (contiguous); norms (each row's input L2 norm, an observation: not differentiable), mean
 and rstd (saved for the backward) are float32 of shape x.shape[:-1]. dweight/dbias come back as empty (0,) tensors
@@ -118,6 +119,9 @@ class NormAccumulators:
     Tokens n < num_cls are group 0 (CLS), n < num_prefix group 1 (registers), the rest group 2 (patches).
     threshold: outliers are norms above it (``math.inf``: none counted, e.g. when the caller applies a relative
     threshold itself). inner_edges: (bins - 1,) ascending float32 histogram edges on the device.
+    top_k: how many of the largest patch norms the caller keeps: the forward returns candidates (packed keys,
+    ``reference.patch_norm_keys``) among which ``topk`` finds them. write_norms: also return the (B, P) and
+    (B, N - P) norms (else (0,) tensors: no per-token round trip).
     Buffers (on the device, usually rows of a monitor's (layers, 3, ...) tensors): count (3,) int64, total and
     total_sq (3,) float64, maximum (3,) float32, outliers (3,) int64, histogram (3, bins) int64."""
 
@@ -131,6 +135,8 @@ class NormAccumulators:
     maximum: Tensor
     outliers: Tensor
     histogram: Tensor
+    top_k: int = 8
+    write_norms: bool = True
 
     def buffers(self) -> tuple[Tensor, ...]:
         return self.count, self.total, self.total_sq, self.maximum, self.outliers, self.histogram
@@ -271,19 +277,23 @@ def layer_norm_fwd_monitored(
     num_prefix: int,
     threshold: float,
     inner_edges: Tensor,
+    top_k: int,
+    write_norms: bool,
     count: Tensor,
     total: Tensor,
     total_sq: Tensor,
     maximum: Tensor,
     outliers: Tensor,
     histogram: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """y (x's shape and dtype), prefix_norms (B, P), patch_norms (B, N - P), mean, rstd (B, N), float32; the norm
-    statistics of this batch added to the accumulators."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y (x's shape and dtype), prefix_norms (B, P) and patch_norms (B, N - P) float32 ((0,) unless write_norms),
+    top-k candidates (int64 packed keys, -1 = none; their number depends on the implementation), mean and rstd
+    (B, N) float32; the norm statistics of this batch added to the accumulators."""
     _check_impl(impl)
     check_layer_norm_inputs(x, weight, bias, eps)
     acc = NormAccumulators(
-        num_cls, num_prefix, threshold, inner_edges, count, total, total_sq, maximum, outliers, histogram
+        num_cls, num_prefix, threshold, inner_edges, count, total, total_sq, maximum, outliers, histogram, top_k,
+        write_norms,
     )  # fmt: skip
     acc.check(x)
     if impl == "triton":
@@ -304,17 +314,37 @@ def layer_norm_fwd_monitored(
             torch.maximum(buffer, part, out=buffer)
         else:
             buffer.add_(part)
-    return y, norms[:, :num_prefix].clone(), norms[:, num_prefix:].clone(), mean, rstd
+    candidates = reference.patch_norm_keys(norms[:, num_prefix:])  # every patch is a candidate
+    if not write_norms:
+        return y, norms.new_empty((0,)), norms.new_empty((0,)), candidates, mean, rstd
+    return y, norms[:, :num_prefix].clone(), norms[:, num_prefix:].clone(), candidates, mean, rstd
+
+
+def num_candidates(impl: str, x: Tensor, num_prefix: int, top_k: int) -> int:
+    """How many top-k candidates ``layer_norm_fwd_monitored`` returns for x (B, N, C) on ``impl``."""
+    B, N, C = x.shape
+    if impl == "triton":
+        kernels = triton_kernels()
+        return kernels.monitored_programs(B * N, C, x.device)[0] * kernels.candidates_per_program(top_k)
+    if impl == "cuda" and x.device.type == "cuda":
+        return cuda.num_candidates(B * N, x.device)
+    return B * (N - num_prefix)  # reference, and the C++ reference on CPU tensors: every patch
 
 
 @layer_norm_fwd_monitored.register_fake
-def _layer_norm_fwd_monitored_fake(x, weight, bias, eps, impl, num_cls, num_prefix, threshold, inner_edges, *acc):
+def _layer_norm_fwd_monitored_fake(
+    x, weight, bias, eps, impl, num_cls, num_prefix, threshold, inner_edges, top_k, write_norms, *acc
+):
     B, N = x.shape[0], x.shape[1]
 
     def stat(*shape):
         return x.new_empty(shape, dtype=torch.float32)
 
-    return x.new_empty(x.shape), stat(B, num_prefix), stat(B, N - num_prefix), stat(B, N), stat(B, N)
+    def norms(*shape):
+        return stat(*shape) if write_norms else stat(0)
+
+    candidates = x.new_empty((num_candidates(impl, x, num_prefix, top_k),), dtype=torch.int64)
+    return x.new_empty(x.shape), norms(B, num_prefix), norms(B, N - num_prefix), candidates, stat(B, N), stat(B, N)
 
 
 def _setup_context(ctx, inputs, output):

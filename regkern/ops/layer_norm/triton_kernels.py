@@ -90,6 +90,7 @@ def ln_fwd_monitored_kernel(
     BIAS,
     PREFIX_NORMS,
     PATCH_NORMS,
+    CANDIDATES,
     MEAN,
     RSTD,
     EDGES,
@@ -116,11 +117,15 @@ def ln_fwd_monitored_kernel(
     HAS_B: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_HIST: tl.constexpr,
+    TOP_K: tl.constexpr,
+    WRITE_NORMS: tl.constexpr,
 ):
     # The forward of ln_fwd_kernel over rows (b, n) of (B, N, C), plus the norm monitor's reduction in the same pass:
     # per token group g (0 CLS, 1 registers, 2 patches) count, sum, sum of squares, max, outliers and histogram,
     # kept in registers over the program's row blocks and added to the accumulators with one atomic per
-    # (statistic, group) and per non-empty histogram bin. Norms go to PREFIX_NORMS (B, P) and PATCH_NORMS (B, N - P).
+    # (statistic, group) and per non-empty histogram bin. The program's TOP_K largest patch norms go to CANDIDATES
+    # as packed keys (norm bits << 32 | b * (N - P) + n - P; -1 for none), which one topk merges. With WRITE_NORMS
+    # the norms also go to PREFIX_NORMS (B, P) and PATCH_NORMS (B, N - P) (norm maps, relative thresholds).
     pid = tl.program_id(0)
     bins = num_edges + 1
     edge_ids = tl.arange(0, BLOCK_E)
@@ -135,6 +140,9 @@ def ln_fwd_monitored_kernel(
     total_sq = tl.zeros([BLOCK_R, 4], dtype=tl.float64)
     maximum = tl.zeros([BLOCK_R, 4], dtype=tl.float32)
     histogram = tl.zeros([BLOCK_HIST], dtype=tl.int32)
+    # per row slot, the TOP_K largest keys it has seen: the union over slots holds the program's top TOP_K
+    top_ids = tl.arange(0, TOP_K)
+    top = tl.full([BLOCK_R, TOP_K], -1, dtype=tl.int64)
     for i in range(0, blocks_per_program):
         rows = _row_block(pid * blocks_per_program + i, BLOCK_R)  # [BLOCK_R]
         norms, row_mask = _ln_fwd_rows(
@@ -144,8 +152,17 @@ def ln_fwd_monitored_kernel(
         token = row % N
         image = row // N
         is_patch = token >= NUM_PREFIX
-        tl.store(PATCH_NORMS + image * (N - NUM_PREFIX) + token - NUM_PREFIX, norms, mask=row_mask & is_patch)
-        tl.store(PREFIX_NORMS + image * NUM_PREFIX + token, norms, mask=row_mask & (token < NUM_PREFIX))
+        patch_index = image * (N - NUM_PREFIX) + token - NUM_PREFIX
+        if WRITE_NORMS:
+            tl.store(PATCH_NORMS + patch_index, norms, mask=row_mask & is_patch)
+            tl.store(PREFIX_NORMS + image * NUM_PREFIX + token, norms, mask=row_mask & (token < NUM_PREFIX))
+        # non-negative float bits order as integers: the packed key orders by norm
+        key = (norms.to(tl.int32, bitcast=True).to(tl.int64) << 32) | patch_index.to(tl.int64)
+        key = tl.where(row_mask & is_patch, key, -1)  # [BLOCK_R]
+        smallest = tl.min(top, axis=1)  # [BLOCK_R]
+        first = tl.min(tl.where(top == smallest[:, None], top_ids[None, :], TOP_K), axis=1)
+        replace = (top_ids[None, :] == first[:, None]) & (key > smallest)[:, None]
+        top = tl.where(replace, key[:, None], top)  # [BLOCK_R, TOP_K]
         group = (token >= NUM_CLS).to(tl.int32) + is_patch.to(tl.int32)
         in_group = (group[:, None] == groups[None, :]) & row_mask[:, None]  # [BLOCK_R, 4]
         grouped = tl.where(in_group, norms[:, None], 0.0)
@@ -169,6 +186,10 @@ def ln_fwd_monitored_kernel(
     tl.atomic_max(MAXIMUM + groups, maximum, mask=seen)
     tl.atomic_add(OUTLIERS + groups, outliers.to(tl.int64), mask=seen & (outliers > 0))
     tl.atomic_add(HISTOGRAM + slots, histogram.to(tl.int64), mask=histogram > 0)
+    # the program's TOP_K: the first TOP_K of its slots' keys sorted in descending order
+    ranked = tl.reshape(tl.sort(tl.reshape(top, [BLOCK_R * TOP_K]), descending=True), [BLOCK_R, TOP_K])
+    best = tl.max(tl.where(tl.arange(0, BLOCK_R)[:, None] == 0, ranked, -1), axis=0)  # [TOP_K]
+    tl.store(CANDIDATES + pid * TOP_K + top_ids, best)
 
 
 @triton.jit
@@ -373,31 +394,37 @@ def layer_norm_forward_monitored(
     """Launch the monitored forward over x (B, N, C): LayerNorm, and the norm monitor's reduction added in place to
     ``accumulators`` (a ``regkern.ops.layer_norm.NormAccumulators``) with atomics.
 
-    Returns y (x's shape and dtype), prefix_norms (B, P) and patch_norms (B, N - P) float32, mean and rstd (B, N)."""
+    Returns y (x's shape and dtype), prefix_norms (B, P) and patch_norms (B, N - P) float32 ((0,) unless
+    ``accumulators.write_norms``), top-k candidates (programs * top_k,) int64 packed keys (see the kernel), mean and
+    rstd (B, N)."""
     B, N, C = x.shape
     acc = accumulators
     P = acc.num_prefix
     x2 = _rows_view(x, C)
     n_rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    prefix_norms = torch.empty((B, P), dtype=torch.float32, device=x.device)
-    patch_norms = torch.empty((B, N - P), dtype=torch.float32, device=x.device)
+
+    def norms_buffer(*shape):
+        return torch.empty(shape if acc.write_norms else (0,), dtype=torch.float32, device=x.device)
+
+    prefix_norms, patch_norms = norms_buffer(B, P), norms_buffer(B, N - P)
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    programs, per_program = monitored_programs(n_rows, C, x.device)
+    top_k = candidates_per_program(acc.top_k)
+    candidates = torch.empty((programs * top_k,), dtype=torch.int64, device=x.device)
     if n_rows == 0:
-        return y, prefix_norms, patch_norms, mean, rstd
+        return y, prefix_norms, patch_norms, candidates, mean, rstd
     BLOCK_R, BLOCK_C, num_warps = launch_config(C, x.device.type)
-    num_blocks = triton.cdiv(n_rows, BLOCK_R)
-    # few programs, each over many rows: the atomics per call stay ~ programs x (groups + non-empty bins)
-    per_program = max(1, triton.cdiv(num_blocks, _backward_programs(x.device)))
     num_edges = acc.inner_edges.numel()
-    ln_fwd_monitored_kernel[(triton.cdiv(num_blocks, per_program),)](
+    ln_fwd_monitored_kernel[(programs,)](
         x2,
         y.view(n_rows, C),
         x2 if weight is None else weight.contiguous(),
         x2 if bias is None else bias.contiguous(),
-        prefix_norms,
-        patch_norms,
+        prefix_norms if acc.write_norms else mean,  # float32 stand-ins, never stored to
+        patch_norms if acc.write_norms else mean,
+        candidates,
         mean,
         rstd,
         acc.inner_edges,
@@ -424,6 +451,22 @@ def layer_norm_forward_monitored(
         HAS_B=bias is not None,
         BLOCK_E=triton.next_power_of_2(max(num_edges, 1)),
         BLOCK_HIST=triton.next_power_of_2(3 * (num_edges + 1)),
+        TOP_K=top_k,
+        WRITE_NORMS=bool(acc.write_norms),
         num_warps=num_warps,
     )
-    return y, prefix_norms, patch_norms, mean, rstd
+    return y, prefix_norms, patch_norms, candidates, mean, rstd
+
+
+def candidates_per_program(top_k: int) -> int:
+    """Top-k candidates each program of the monitored forward keeps (a power of two >= top_k, at least 1)."""
+    return triton.next_power_of_2(max(int(top_k), 1))
+
+
+def monitored_programs(n_rows: int, C: int, device: torch.device) -> tuple[int, int]:
+    """(programs, row blocks per program) of the monitored forward: few programs, each over many rows, so that the
+    atomics per call stay ~ programs x (groups + non-empty bins) and the top-k candidates ~ programs x k."""
+    BLOCK_R = launch_config(C, device.type)[0]
+    num_blocks = max(1, triton.cdiv(n_rows, BLOCK_R))
+    per_program = max(1, triton.cdiv(num_blocks, _backward_programs(device)))
+    return triton.cdiv(num_blocks, per_program), per_program

@@ -46,7 +46,7 @@ def backends():
     return names
 
 
-def accumulators(num_cls, num_prefix, threshold, seed=0):
+def accumulators(num_cls, num_prefix, threshold, seed=0, top_k=8, write_norms=True):
     """Accumulators already holding earlier batches' values: the kernel must add, not overwrite."""
     g = torch.Generator().manual_seed(seed)
     bins = EDGES.numel() + 1
@@ -61,6 +61,8 @@ def accumulators(num_cls, num_prefix, threshold, seed=0):
         torch.rand(3, generator=g) * 3,
         torch.randint(0, 5, (3,), generator=g),
         torch.randint(0, 5, (3, bins), generator=g),
+        top_k,
+        write_norms,
     )
     for name in ("count", "total", "total_sq", "maximum", "outliers", "histogram"):
         setattr(acc, name, getattr(acc, name).to(DEVICE))
@@ -89,7 +91,7 @@ def test_reduction_equals_the_reference_reduction(case, backend):
     threshold = 40.0
     acc = accumulators(num_cls, num_prefix, threshold)
     before = snapshot(acc)
-    y, prefix_norms, patch_norms = layer_norm_monitored(x, w, b, 1e-6, acc, backend=backend)
+    y, prefix_norms, patch_norms, candidates = layer_norm_monitored(x, w, b, 1e-6, acc, backend=backend)
     y_plain, norms = layer_norm_with_norms(x, w, b, 1e-6, backend=backend)
     assert torch.equal(y, y_plain)
     assert prefix_norms.shape == (B, num_prefix) and patch_norms.shape == (B, N - num_prefix)
@@ -103,6 +105,12 @@ def test_reduction_equals_the_reference_reduction(case, backend):
     torch.testing.assert_close(total, before[1] + expected.total, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(total_sq, before[2] + expected.total_sq, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(maximum, torch.maximum(before[3], expected.maximum), rtol=1e-6, atol=0)
+    # the largest patch norms and their positions, from the candidates by one topk
+    k = min(8, patch_norms.numel())
+    if k:
+        values, flat = reference.unpack_norm_keys(torch.topk(candidates, k).values)
+        want_values, want_flat = torch.topk(patch_norms.reshape(-1), k)
+        assert torch.equal(values, want_values) and torch.equal(flat, want_flat)
 
 
 @pytest.mark.skipif(not TRITON_RUNS, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -112,7 +120,7 @@ def test_triton_gradients_equal_the_plain_layer_norm():
     w = torch.randn(C, device=DEVICE, requires_grad=True)
     b = torch.randn(C, device=DEVICE, requires_grad=True)
     dy = torch.randn(B, N, C, device=DEVICE)
-    y, _, _ = layer_norm_monitored(x, w, b, 1e-6, accumulators(1, 3, 5.0), backend="triton")
+    y, _, _, _ = layer_norm_monitored(x, w, b, 1e-6, accumulators(1, 3, 5.0), backend="triton")
     grads = torch.autograd.grad(y, (x, w, b), dy)
     y_plain, _ = layer_norm_with_norms(x, w, b, 1e-6, backend="triton")
     expected = torch.autograd.grad(y_plain, (x, w, b), dy)
@@ -126,7 +134,16 @@ def test_no_threshold_counts_no_outliers_and_many_row_blocks_per_program():
     x = make_x(3, 200, 32, torch.float32)
     acc = accumulators(1, 5, math.inf)
     before = snapshot(acc)
-    _, prefix_norms, patch_norms = layer_norm_monitored(x, None, None, 1e-6, acc, backend="triton")
+    _, prefix_norms, patch_norms, candidates = layer_norm_monitored(x, None, None, 1e-6, acc, backend="triton")
+    # 4 programs, 8 candidates each: the 8 largest of 585 patch norms are among them
+    assert candidates.shape == (4 * 8,)
+    values, flat = reference.unpack_norm_keys(torch.topk(candidates, 8).values)
+    want_values, want_flat = torch.topk(patch_norms.reshape(-1), 8)
+    assert torch.equal(values, want_values) and torch.equal(flat, want_flat)
+    lean = accumulators(1, 5, math.inf, write_norms=False, top_k=3)
+    _, no_prefix, no_patch, few = layer_norm_monitored(x, None, None, 1e-6, lean, backend="triton")
+    assert no_prefix.numel() == no_patch.numel() == 0 and few.shape == (4 * 4,)
+    assert torch.equal(reference.unpack_norm_keys(torch.topk(few, 3).values)[0], want_values[:3])
     norms = torch.cat((prefix_norms, patch_norms), 1)
     expected = reference.norm_statistics(norms, 1, 5, math.inf, EDGES.to(DEVICE))
     assert torch.equal(acc.outliers, before[4])
