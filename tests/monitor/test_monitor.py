@@ -55,12 +55,26 @@ def images():
     return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
 
 
-def test_planted_outliers_found_at_the_right_layers_and_positions(images):
-    model = build_model()
+def _triton_runs() -> bool:
+    from regkern.ops.layer_norm import triton_kernels
+
+    return torch.cuda.is_available() or triton_kernels.INTERPRETED
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_planted_outliers_found_at_the_right_layers_and_positions(images, path):
+    """Through the PyTorch reduction, and through the reductions fused into the Triton LayerNorm and attention
+    kernels (under the interpreter on the CPU)."""
+    if path == "triton" and not _triton_runs():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    images = images.to(device)
+    model = build_model().to(device)
     reference_model = copy.deepcopy(model)
     plant(model)
     plant(reference_model)
-    regkern.patch_timm(model, monitor={"threshold": 150.0, "top_k": 4})
+    options = {"threshold": 150.0, "top_k": 4, "norm_backend": path}
+    regkern.patch_timm(model, backend="triton" if path == "triton" else None, monitor=options)
     monitor = regkern.get_monitor(model)
     with torch.no_grad():
         model(images)
