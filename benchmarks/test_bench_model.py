@@ -160,7 +160,7 @@ def test_monitor_overhead(benchmark, device):
     interleaved_round()  # warm-up, not kept
     for t in times.values():
         t.clear()
-    benchmark.pedantic(interleaved_round, rounds=10 if device.type == "cuda" else 5, warmup_rounds=0)
+    benchmark.pedantic(interleaved_round, rounds=10 if device.type == "cuda" else 9, warmup_rounds=0)
     median = {variant: statistics.median(t) for variant, t in times.items()}
     ratios = {f"{v}/patched": median[v] / median["patched"] for v in median if v != "patched"}
     params = sum(p.numel() for p in models["patched"].parameters())
