@@ -12,11 +12,13 @@ Tolerance: the kernel's error against the float32 reference is at most 2x PyTorc
 dtype (on the CPU here), as for every kernel.
 """
 
+import copy
 import os
 
 import pytest
 import torch
 
+import regkern
 from regkern import cuda_ext, reference
 from tests.helpers import attention_case_id, case_id, dtype_id, eager_attention, max_error, packed_qkv, registers
 
@@ -195,3 +197,54 @@ def test_emulated_monitored_layer_norm_equals_the_reference_reduction(emu, B, N,
     with pytest.raises(RuntimeError, match="total: expected a contiguous Double"):
         emu.cuda_layer_norm_fwd_monitored(x, w, b, 1e-6, num_cls, num_prefix, 25.0, edges, 8, True, acc[0],
                                           acc[1].float(), *acc[2:])  # fmt: skip
+
+
+def test_emulated_monitor_finds_planted_tokens_through_the_cuda_reduction(emu, monkeypatch):
+    """A NormMonitor whose LayerNorms run the CUDA twin of the fused reduction (norm_backend="cuda"), with the
+    extension's op swapped for the emulated kernel: the planted high-norm patches are found at the right layers and
+    positions, and the report equals the PyTorch reduction's (counts, outliers, histograms exactly)."""
+    timm = pytest.importorskip("timm")
+    from regkern.ops.layer_norm import cuda as layer_norm_cuda
+
+    if cuda_ext.not_loaded_reasons("cpu", build=False):
+        pytest.skip("norm_backend='cuda' on CPU tensors needs the built extension")
+
+    calls = []
+
+    def emulated(x, weight, bias, eps, acc):
+        calls.append(x.shape)
+        return emu.cuda_layer_norm_fwd_monitored(
+            x, weight, bias, float(eps), acc.num_cls, acc.num_prefix, float(acc.threshold), acc.inner_edges,
+            acc.top_k, acc.write_norms, *acc.buffers(),
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    base = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=3).eval()
+    P, planted = base.num_prefix_tokens, [(0, 3), (1, 7)]
+
+    def plant(_module, args):
+        x = args[0].clone()
+        for b, patch in planted:
+            x[b, P + patch] *= 60.0
+        return (x,) + args[1:]
+
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    reports = {}
+    for norm_backend in ("cuda", "reference"):
+        model = copy.deepcopy(base)
+        model.blocks[1].register_forward_pre_hook(plant)
+        options = {"norm_backend": norm_backend, "threshold": 150.0, "top_k": 4, "attention_share": False}
+        regkern.patch_timm(model, monitor=options)
+        with monkeypatch.context() as m:
+            m.setattr(layer_norm_cuda, "layer_norm_forward_monitored", emulated)
+            with torch.no_grad():
+                model(images)
+        reports[norm_backend] = regkern.get_monitor(model).report()
+    assert len(calls) == 3  # one emulated kernel per block (the "reference" model never calls it)
+    got, want = reports["cuda"], reports["reference"]
+    for a, b in zip(got.rows, want.rows):
+        assert (a["count"], a["outliers"], a["histogram"]) == (b["count"], b["outliers"], b["histogram"])
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-5)
+    for layer in (1, 2):
+        assert {(b, t) for _, b, t in got.top_patches[layer][:2]} == {(b, P + p) for b, p in planted}
+    assert [p[1:] for p in got.top_patches[2]] == [p[1:] for p in want.top_patches[2]]
