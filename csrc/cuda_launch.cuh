@@ -197,11 +197,16 @@ __device__ __forceinline__ void atomic_add(double* p, double v) {
 #endif
 }
 
-// max of non-negative floats: their bit patterns order as signed integers do
+// max of non-negative floats: their bit patterns order as signed integers do (a quiet NaN's above them all)
 __device__ __forceinline__ void atomic_max_nonnegative(float* p, float v) {
 #ifdef REGKERN_EMULATE
   float seen = std::atomic_ref<float>(*p).load();
-  while (seen < v && !std::atomic_ref<float>(*p).compare_exchange_weak(seen, v)) {
+  // as the GPU's integer max of the bit patterns: a NaN (0x7fc00000) wins over every finite value
+  int32_t mine, theirs;
+  memcpy(&mine, &v, 4);
+  memcpy(&theirs, &seen, 4);
+  while (theirs < mine && !std::atomic_ref<float>(*p).compare_exchange_weak(seen, v)) {
+    memcpy(&theirs, &seen, 4);
   }
 #else
   atomicMax(reinterpret_cast<int*>(p), __float_as_int(v));

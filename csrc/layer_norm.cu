@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
         sqrtf(normalize_row<T, VEC, kCached>(x + row * C, y + row * C, weight, bias, C, eps, lane, mean, rstd));
     int below = 0;  // torch.bucketize(norm, edges): the lanes count the edges strictly below the norm
     for (int e = lane; e < m.num_edges; e += 32) below += m.edges[e] < norm ? 1 : 0;
-    below = warp_sum_int(below);
+    below = norm != norm ? m.num_edges : warp_sum_int(below);  // NaN: the last bin, as torch.bucketize
     if (lane == 0) {
       mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
         count[k] += 1;
         total[k] += double(norm);
         total_sq[k] += double(norm) * double(norm);
-        maximum[k] = fmaxf(maximum[k], norm);
+        maximum[k] = (norm != norm || norm > maximum[k]) ? norm : maximum[k];  // a NaN norm shows, as in amax
         outliers[k] += norm > m.threshold ? 1 : 0;
       }
       atomic_add(&histogram[g * bins + below], 1);
@@ -307,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto patch_norms = write_norms ? new_output({B, N - num_prefix}, f32) : new_output({0}, f32);
   auto candidates = new_output({monitored_blocks(rows) * kRowsPerBlock * kTopK}, x.options().dtype(at::kLong));
   auto mean = new_output({B, N}, f32), rstd = new_output({B, N}, f32);
+  if (rows == 0) candidates.fill_(-1);
   if (rows > 0) {
     const NormMonitorArgs m{N,
                             num_cls,

@@ -33,6 +33,7 @@ class RegisterTokenEmbedding:
         self.requested_backend = backend
         self._key = None
         self._choice = None
+        self._reason = ""
         if choose:  # an explicit backend that cannot run is refused now, by patch_timm
             self._choose()
 
@@ -40,17 +41,23 @@ class RegisterTokenEmbedding:
         m = self.model
         return m.pos_embed, m.cls_token, m.reg_token
 
-    def _choose(self) -> None:
+    def _choose(self, x_dtype: Optional[torch.dtype] = None) -> None:
         pos, cls, reg = self._parameters()
         ref = next(t for t in (pos, cls, reg, next(self.model.parameters(), None)) if t is not None)
-        key = (ref.device, ref.dtype, *(None if t is None else t.dtype for t in (pos, cls, reg)))
+        x_dtype = ref.dtype if x_dtype is None else x_dtype  # the patch tokens' (autocast may change it)
+        key = (ref.device, x_dtype, *(None if t is None else t.dtype for t in (pos, cls, reg)))
         if key == self._key:
             return
-        dim = self.model.embed_dim
-        x = torch.empty((1, 1, dim), device="meta", dtype=ref.dtype)  # the patch tokens' dtype and width
+        x = _DeviceView(torch.empty((1, 1, self.model.embed_dim), device="meta", dtype=x_dtype), ref.device)
         meta = [None if t is None else torch.empty(t.shape, device="meta", dtype=t.dtype) for t in (pos, cls, reg)]
-        request_x = _DeviceView(x, ref.device)
-        self._choice = resolve_embed_tokens_backend(self.requested_backend, request_x, *meta)
+        try:
+            self._choice = resolve_embed_tokens_backend(self.requested_backend, x, *meta)
+            self._reason = self._choice.reason
+        except ValueError as err:
+            # the backend patch_timm derived from the attention backend cannot serve these dtypes (e.g. "cuda"
+            # under autocast: fp32 position embeddings, bf16 patches): every backend gives the same bits, so auto
+            self._choice = resolve_embed_tokens_backend(None, x, *meta)
+            self._reason = f"{self.requested_backend!r} cannot run this call ({err}); {self._choice.reason}"
         self._key = key
 
     @property
@@ -61,13 +68,14 @@ class RegisterTokenEmbedding:
     @property
     def backend_reason(self) -> str:
         self._choose()
-        return self._choice.reason
+        return self._reason
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # routed only while the model has position embeddings (route_pos_embed)
         m = self.model
-        self._choose()  # a tuple comparison unless the model moved or changed dtype since the last call
+        self._choose(x.dtype)  # a tuple comparison unless the model moved or the dtypes changed since the last call
         pos_embed = m.pos_embed
-        if pos_embed is not None and m.dynamic_img_size:
+        if m.dynamic_img_size:
             # lazy import of timm: importing regkern does not import timm
             from timm.layers import resample_abs_pos_embed
 
@@ -109,10 +117,11 @@ def _timm_pos_embed_class(model: nn.Module) -> bool:
 
 def route_pos_embed(model: nn.Module, backend: Optional[str] = None) -> bool:
     """Route ``model._pos_embed`` through ``regkern.embed_tokens`` (once); False when the model's class has an
-    embedding of its own (left as it is)."""
+    embedding of its own, or no position embeddings (timm then only concatenates, without ``pos_drop``): left as
+    it is."""
     if routed_pos_embed(model) is not None:
         return True
-    if not _timm_pos_embed_class(model):
+    if not _timm_pos_embed_class(model) or getattr(model, "pos_embed", None) is None:
         return False
     object.__setattr__(model, _ATTRIBUTE, RegisterTokenEmbedding(model, backend))
     return True

@@ -401,3 +401,23 @@ def test_patched_embedding_on_triton_and_not_on_eva():
     eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1)
     patch_timm(eva)
     assert "_pos_embed" not in eva.__dict__  # Eva embeds (and makes its RoPE) in a method of its own
+
+
+def test_routed_embedding_serves_mixed_dtypes_as_timm_does():
+    """Under autocast the patch tokens come in bf16 while the position embeddings stay fp32: a backend that needs
+    one dtype ("cuda") gives way to auto (the same bits), with the reason in explain; models without position
+    embeddings keep timm's own concatenation."""
+    from regkern.timm.embedding import RegisterTokenEmbedding
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=1).eval()
+    embedding = RegisterTokenEmbedding(model, "cuda")
+    tokens = torch.randn(2, 4, model.embed_dim).to(torch.bfloat16)
+    with torch.no_grad():
+        got = embedding(tokens)
+        want = type(model)._pos_embed(model, tokens)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert "'cuda' cannot run this call" in embedding.backend_reason or embedding.backend_name == "cuda"
+    no_pos = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, pos_embed="none")
+    patch_timm(no_pos)
+    assert no_pos.pos_embed is None and "_pos_embed" not in no_pos.__dict__

@@ -12,7 +12,35 @@ from ... import reference
 from .backends import choose_embed_tokens_backend
 from .op import embed_tokens_op
 
-__all__ = ["embed_tokens"]
+__all__ = ["embed_tokens", "check_embed_tokens_inputs"]
+
+
+def check_embed_tokens_inputs(x, pos_embed, cls_token, reg_token, no_embed_class: bool) -> None:
+    """ValueError naming the argument unless the shapes fit ``embed_tokens`` (every backend: the kernels read
+    exactly these extents)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected patch tokens (B, M, C) or (B, Hp, Wp, C), got {got}")
+    B, C = x.shape[0], x.shape[-1]
+    M = x.shape[1] if x.dim() == 3 else x.shape[1] * x.shape[2]
+    if cls_token is not None and tuple(cls_token.shape) != (1, 1, C):
+        raise ValueError(f"cls_token: expected shape (1, 1, {C}), got {tuple(cls_token.shape)}")
+    if reg_token is not None and (reg_token.dim() != 3 or reg_token.shape[0] != 1 or reg_token.shape[2] != C):
+        raise ValueError(f"reg_token: expected shape (1, R, {C}), got {tuple(reg_token.shape)}")
+    for name, t in (("pos_embed", pos_embed), ("cls_token", cls_token), ("reg_token", reg_token)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected the device of x ({x.device}), got {t.device}")
+    if pos_embed is not None:
+        P = (cls_token is not None) + (0 if reg_token is None else reg_token.shape[1])
+        tokens = M if no_embed_class else P + M
+        what = "M" if no_embed_class else "P + M"
+        if pos_embed.dim() != 3 or tuple(pos_embed.shape[1:]) != (tokens, C):
+            raise ValueError(
+                f"pos_embed: expected ({'1 or B'}, {what} = {tokens}, {C}) for no_embed_class={bool(no_embed_class)}, "
+                f"got {tuple(pos_embed.shape)}"
+            )
+        if pos_embed.shape[0] not in (1, B) and B != 1:
+            raise ValueError(f"pos_embed: expected a batch of 1 or B = {B}, got {pos_embed.shape[0]}")
 
 
 def embed_tokens(
@@ -40,9 +68,7 @@ def embed_tokens(
         (B, P + M, C) with P = (cls_token is not None) + R. Position embeddings are added in float32 and rounded once
         (identical to timm in float32). Differentiable in every tensor input.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected patch tokens (B, M, C) or (B, Hp, Wp, C), got {got}")
+    check_embed_tokens_inputs(x, pos_embed, cls_token, reg_token, no_embed_class)
     name, _ = choose_embed_tokens_backend(backend, x, pos_embed, cls_token, reg_token)
     if name == "reference":
         # plain PyTorch ops: autograd (and torch.func transforms) straight through the reference

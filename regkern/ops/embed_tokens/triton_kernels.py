@@ -47,7 +47,7 @@ def embed_tokens_kernel(
     is_patch = tokens >= P
     is_cls = tokens < NUM_CLS
     ok = valid[:, None] & col_ok[None, :]  # [BLOCK_T, BLOCK_C]
-    patch = tokens - P
+    patch = (tokens - P).to(tl.int64)  # patch * stride of large inputs does not overflow
     x = tl.load(X + b * stride_xb + patch[:, None] * stride_xm + cols[None, :], mask=ok & is_patch[:, None])
     prefix = tl.load(CLS + cols[None, :] + tokens[:, None] * 0, mask=ok & is_cls[:, None])
     reg = tl.load(REG + (tokens - NUM_CLS)[:, None] * C + cols[None, :], mask=ok & (~is_cls & ~is_patch)[:, None])
@@ -59,9 +59,10 @@ def embed_tokens_kernel(
             pos = tl.load(POS + b * stride_pb + patch[:, None] * stride_pt + cols[None, :], mask=ok & is_patch[:, None])
             value = tl.where(is_patch[:, None], value + pos.to(tl.float32), value)
         else:
-            pos = tl.load(POS + b * stride_pb + tokens[:, None] * stride_pt + cols[None, :], mask=ok)
+            pos = tl.load(POS + b * stride_pb + tokens.to(tl.int64)[:, None] * stride_pt + cols[None, :], mask=ok)
             value = value + pos.to(tl.float32)
-    tl.store(OUT + b * stride_ob + tokens[:, None] * stride_ot + cols[None, :], value.to(OUT.dtype.element_ty), mask=ok)
+    out_rows = OUT + b * stride_ob + tokens.to(tl.int64)[:, None] * stride_ot
+    tl.store(out_rows + cols[None, :], value.to(OUT.dtype.element_ty), mask=ok)
 
 
 #: True when the kernel was decorated under TRITON_INTERPRET=1 (it then runs on CPU tensors).

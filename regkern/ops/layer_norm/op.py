@@ -166,8 +166,12 @@ class NormAccumulators:
                     f"accumulators.{name}: expected a contiguous {dtype} tensor of shape {shape} on {x.device}, "
                     f"got {t.dtype} {tuple(t.shape)} on {t.device}"
                 )
-        if self.inner_edges.dtype != torch.float32 or self.inner_edges.device != x.device:
-            raise ValueError(f"accumulators.inner_edges: expected float32 on {x.device}")
+        e = self.inner_edges
+        if e.dim() != 1 or e.dtype != torch.float32 or e.device != x.device or not e.is_contiguous():
+            raise ValueError(
+                f"accumulators.inner_edges: expected a contiguous 1-dim float32 tensor on {x.device}, "
+                f"got {e.dtype} {tuple(e.shape)} on {e.device}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------ ops

@@ -83,6 +83,11 @@ def ln_fwd_kernel(
 
 
 @triton.jit
+def _max_with_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def ln_fwd_monitored_kernel(
     X,
     Y,
@@ -171,14 +176,15 @@ def ln_fwd_monitored_kernel(
         wide = grouped.to(tl.float64)
         total += wide
         total_sq += wide * wide
-        maximum = tl.maximum(maximum, grouped)
+        maximum = tl.maximum(maximum, grouped, propagate_nan=tl.PropagateNan.ALL)  # a NaN norm shows, as in amax
         below = tl.sum((edges[None, :] < norms[:, None]).to(tl.int32), axis=1)  # [BLOCK_R]: torch.bucketize
+        below = tl.where(norms != norms, num_edges, below)  # NaN: the last bin, as torch.bucketize
         histogram += tl.histogram(group * bins + below, BLOCK_HIST, mask=row_mask)
     count = tl.sum(count, axis=0)  # [4]
     outliers = tl.sum(outliers, axis=0)
     total = tl.sum(total, axis=0)
     total_sq = tl.sum(total_sq, axis=0)
-    maximum = tl.max(maximum, axis=0)
+    maximum = tl.reduce(maximum, 0, _max_with_nan)
     seen = (groups < 3) & (count > 0)
     tl.atomic_add(COUNT + groups, count.to(tl.int64), mask=seen)
     tl.atomic_add(TOTAL + groups, total, mask=seen)
@@ -412,9 +418,11 @@ def layer_norm_forward_monitored(
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     programs, per_program = monitored_programs(n_rows, C, x.device)
     top_k = candidates_per_program(acc.top_k)
+    if n_rows >= 2**31:
+        raise ValueError(f"x: at most 2**31 - 1 tokens (B * N) per call, got shape {tuple(x.shape)}")
     candidates = torch.empty((programs * top_k,), dtype=torch.int64, device=x.device)
     if n_rows == 0:
-        return y, prefix_norms, patch_norms, candidates, mean, rstd
+        return y, prefix_norms, patch_norms, candidates.fill_(-1), mean, rstd
     BLOCK_R, BLOCK_C, num_warps = launch_config(C, x.device.type)
     num_edges = acc.inner_edges.numel()
     ln_fwd_monitored_kernel[(programs,)](

@@ -110,16 +110,16 @@ def test_dispatch_auto_and_errors():
     choice = DISPATCHER.resolve(None, EmbedTokensRequest.from_tensors(x, pos, cls, reg))
     assert choice.name == "reference" and "auto (default)" in choice.reason
     with pytest.raises(ValueError, match="backend: unknown embed_tokens backend 'trition'"):
-        regkern.embed_tokens(x, pos, cls, reg, backend="trition")
+        regkern.embed_tokens(x, pos, cls, reg, no_embed_class=nec, backend="trition")
     with pytest.raises(ValueError, match="impl: expected one of"):
         embed_tokens_op(x, pos, cls, reg, nec, "bogus")
     if not triton_runs():
         with pytest.raises(
             ValueError, match="backend: 'triton' cannot run embed_tokens: CPU tensors need TRITON_INTERP"
         ):
-            regkern.embed_tokens(x, pos, cls, reg, backend="triton")
+            regkern.embed_tokens(x, pos, cls, reg, no_embed_class=nec, backend="triton")
     with pytest.raises(ValueError, match="float64"):
-        regkern.embed_tokens(x.double(), pos, cls, reg, backend="triton")
+        regkern.embed_tokens(x.double(), pos, cls, reg, no_embed_class=nec, backend="triton")
 
 
 @pytest.mark.parametrize("pos_batch, x_batch", [(2, 2), (2, 1), (1, 3)], ids=["pos2-x2", "pos2-x1", "pos1-x3"])
@@ -146,3 +146,19 @@ def test_reference_backend_keeps_plain_pytorch_autograd_and_torch_func():
 
     grad = torch.func.grad(f)(detached[0])
     torch.testing.assert_close(grad, torch.autograd.grad(f(x), x)[0])
+
+
+def test_shapes_are_checked_before_any_backend_reads_them():
+    x = torch.randn(2, 4, 8)
+    cls, reg = torch.randn(1, 1, 8), torch.randn(1, 2, 8)
+    for backend in ("reference", "triton") if triton_runs() else ("reference",):
+        with pytest.raises(ValueError, match=r"pos_embed: expected \(1 or B, P \+ M = 7, 8\)"):
+            regkern.embed_tokens(x, torch.randn(1, 4, 8), cls, reg, backend=backend)  # no_embed_class=False
+        with pytest.raises(ValueError, match=r"pos_embed: expected \(1 or B, M = 4, 8\)"):
+            regkern.embed_tokens(x, torch.randn(1, 5, 8), cls, reg, no_embed_class=True, backend=backend)
+        with pytest.raises(ValueError, match=r"cls_token: expected shape \(1, 1, 8\)"):
+            regkern.embed_tokens(x, None, torch.randn(1, 2, 8), reg, backend=backend)
+        with pytest.raises(ValueError, match=r"reg_token: expected shape \(1, R, 8\)"):
+            regkern.embed_tokens(x, None, cls, torch.randn(2, 8), backend=backend)
+        with pytest.raises(ValueError, match="pos_embed: expected a batch of 1 or B = 2"):
+            regkern.embed_tokens(x, torch.randn(3, 7, 8), cls, reg, backend=backend)

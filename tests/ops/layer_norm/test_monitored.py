@@ -161,3 +161,20 @@ def test_bad_accumulators_are_refused_naming_them():
         layer_norm_monitored(torch.randn(14, 16, device=DEVICE), None, None, 1e-6, accumulators(1, 3, 5.0))
     with pytest.raises(ValueError, match="num_prefix"):
         layer_norm_monitored(x.to(DEVICE), None, None, 1e-6, accumulators(1, 9, 5.0))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_nan_token_shows_as_in_the_reference(backend):
+    """A diverged token (NaN norm) makes its group's max NaN and lands in the last histogram bin, as
+    ``scatter_reduce(amax)`` and ``torch.bucketize`` do; the other groups are untouched."""
+    x = make_x(2, 9, 32, torch.float32)
+    x[1, 6, 3] = float("nan")  # a patch token (P = 3)
+    acc = accumulators(1, 3, 40.0)
+    before = snapshot(acc)
+    _, prefix_norms, patch_norms, _ = layer_norm_monitored(x, None, None, 1e-6, acc, backend=backend)
+    norms = torch.cat((prefix_norms, patch_norms), 1)
+    want = reference.norm_statistics(norms, 1, 3, 40.0, EDGES.to(DEVICE))
+    assert torch.isnan(want.maximum[2]) and torch.isnan(acc.maximum[2])
+    torch.testing.assert_close(acc.maximum[:2], torch.maximum(before[3], want.maximum)[:2])
+    assert torch.equal(acc.histogram, before[5] + want.histogram)
+    assert torch.equal(acc.count, before[0] + want.count)
