@@ -65,6 +65,7 @@ class RegisterAttentionBase(nn.Module):
             # no parameter, no state_dict key, no cost
             self.register_parameter("reg_k", None)
             self.register_parameter("reg_v", None)
+        DISPATCHER.check_name(backend)  # unknown names (argument or $REGKERN_BACKEND) fail now, not at forward
         self.requested_backend = backend
         # sequence length the model runs at, when fixed (patch_timm sets it): keys the measured dispatch table
         self.expected_seq_len = None
@@ -204,6 +205,7 @@ class RegisterAttentionBase(nn.Module):
     def set_backend(self, backend: Optional[str]) -> None:
         """Choose another backend ("auto", "triton", "cuda", "torch", "reference"); decided now, not in forward.
         Monitoring (``set_monitoring``) and the expected sequence length are kept."""
+        DISPATCHER.check_name(backend)  # unknown names (argument or $REGKERN_BACKEND) fail now, not at forward
         self.requested_backend = backend
         self._choose_backend()
 

@@ -258,9 +258,14 @@ class Dispatcher:
 
     def check_name(self, backend: Optional[str]) -> str:
         """The requested name ("auto" for None); TypeError / ValueError naming ``backend`` for anything unknown."""
-        name, _ = self.requested_name(backend)
+        name, source = self.requested_name(backend)
         if name != "auto":
-            self.get(name)
+            try:
+                self.get(name)
+            except ValueError as err:
+                if source.startswith("$"):  # name the environment variable the bad name came from
+                    raise ValueError(f"{source[1:]}: {str(err).split(': ', 1)[1]}") from None
+                raise
         return name
 
     def resolve(self, backend: Optional[str], request) -> BackendChoice:

@@ -421,3 +421,17 @@ def test_routed_embedding_serves_mixed_dtypes_as_timm_does():
     no_pos = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, pos_embed="none")
     patch_timm(no_pos)
     assert no_pos.pos_embed is None and "_pos_embed" not in no_pos.__dict__
+
+
+def test_misspelt_backend_names_fail_at_patch_time(monkeypatch):
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=1)
+    with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
+        patch_timm(model, backend="trition")
+    monkeypatch.setenv("REGKERN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="REGKERN_BACKEND: unknown backend 'bogus'"):
+        patch_timm(model)
+    monkeypatch.delenv("REGKERN_BACKEND")
+    patch_timm(model)
+    with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
+        model.blocks[0].attn.set_backend("trition")
+    assert model.blocks[0].attn.requested_backend is None

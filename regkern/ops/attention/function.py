@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Optional
 
@@ -79,8 +81,7 @@ def check_attention_inputs(
             raise ValueError(f"reg_v: expected the shape of reg_k {tuple(reg_k.shape)}, got {tuple(reg_v.shape)}")
 
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale: expected a positive float or None (d ** -0.5), got {scale!r}")
+        _check_scale(scale)
 
     if isinstance(return_stats, str):
         return_stats = (return_stats,)
@@ -114,6 +115,25 @@ def check_attention_inputs(
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     return stats
+
+
+def _check_scale(scale) -> None:
+    """A finite real > 0: Python and NumPy numbers, or a one-element CPU tensor (a CUDA tensor would cost a sync)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
+            raise ValueError(f"scale: expected a one-element real tensor, got shape {tuple(scale.shape)} {scale.dtype}")
+        if scale.device.type != "cpu":
+            raise ValueError(
+                f"scale: expected a number or a CPU tensor (reading a {scale.device.type} tensor would sync), "
+                f"got one on {scale.device}"
+            )
+        value = float(scale)
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        value = float(scale)
+    else:
+        raise ValueError(f"scale: expected a positive float or None (d ** -0.5), got {scale!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale: expected a finite float > 0 or None (d ** -0.5), got {scale!r}")
 
 
 def _call_backend(backend, q, k, v, reg_k, reg_v, scale, stats, num_prefix, attn_mask, dropout_p):

@@ -64,7 +64,7 @@ def test_returns_out_only_without_stats(qkv):
         (lambda a: a.update(return_stats=("prefix_rows",)), ValueError, r"num_prefix: 'prefix_rows' was requested"),
         (lambda a: a.update(backend="cudnn"), ValueError, r"backend: unknown backend 'cudnn'"),
         (lambda a: a.update(backend=3), TypeError, r"backend: expected a string"),
-        (lambda a: a.update(scale=-1.0), ValueError, r"scale: expected a positive float"),
+        (lambda a: a.update(scale=-1.0), ValueError, r"scale: expected a finite float > 0"),
         (
             lambda a: a.update(attn_mask=torch.ones(N, N + 1, dtype=torch.bool)),
             ValueError,
@@ -156,3 +156,16 @@ def test_stats_requested_via_auto(qkv):
     torch.testing.assert_close(
         out, regkern.register_attention(*qkv, reg_k, reg_v, backend="torch"), atol=1e-5, rtol=1e-5
     )
+
+
+def test_scale_accepts_real_numbers_and_refuses_non_finite_ones(qkv):
+    np = pytest.importorskip("numpy")
+    want = regkern.register_attention(*qkv, scale=0.25, backend="reference")
+    for scale in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor([0.25])):
+        got = regkern.register_attention(*qkv, scale=scale, backend="reference")
+        assert torch.equal(got, want), repr(scale)
+    for bad in (float("inf"), float("nan"), -0.25, 0.0, np.float32("inf"), torch.tensor(float("inf")), True, "0.25"):
+        with pytest.raises(ValueError, match="scale: expected"):
+            regkern.register_attention(*qkv, scale=bad)
+    with pytest.raises(ValueError, match="scale: expected a one-element real tensor"):
+        regkern.register_attention(*qkv, scale=torch.tensor([0.25, 0.5]))
