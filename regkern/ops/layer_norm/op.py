@@ -103,6 +103,15 @@ def check_layer_norm_inputs(x, weight, bias, eps) -> None:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
 
 
+def _check_triton_can_run(x: Tensor) -> None:
+    """ValueError naming ``impl`` when the Triton kernels cannot take x (dtype, or no GPU / interpreter)."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"impl: 'triton' supports float16, bfloat16 and float32 inputs, got x of {x.dtype}")
+    problem = triton_problem(x.device.type)
+    if problem:
+        raise ValueError(f"impl: 'triton' cannot run: {problem}")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -185,11 +194,7 @@ def layer_norm_fwd(
     _check_impl(impl)
     check_layer_norm_inputs(x, weight, bias, eps)
     if impl == "triton":
-        if x.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"impl: 'triton' supports float16, bfloat16 and float32 inputs, got x of {x.dtype}")
-        problem = triton_problem(x.device.type)
-        if problem:
-            raise ValueError(f"impl: 'triton' cannot run: {problem}")
+        _check_triton_can_run(x)
         return triton_kernels().layer_norm_forward(x, weight, bias, eps)
     if impl == "cuda":
         if x.is_cuda and x.dtype not in KERNEL_DTYPES:
@@ -301,11 +306,7 @@ def layer_norm_fwd_monitored(
     )  # fmt: skip
     acc.check(x)
     if impl == "triton":
-        if x.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"impl: 'triton' supports float16, bfloat16 and float32 inputs, got x of {x.dtype}")
-        problem = triton_problem(x.device.type)
-        if problem:
-            raise ValueError(f"impl: 'triton' cannot run: {problem}")
+        _check_triton_can_run(x)
         return triton_kernels().layer_norm_forward_monitored(x, weight, bias, eps, acc)
     if impl == "cuda":
         if x.is_cuda and x.dtype not in KERNEL_DTYPES:
