@@ -85,10 +85,12 @@ def cuda_extension():
         )
         return [], {}
 
-    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    found_how = "CUDA_HOME" if os.environ.get("CUDA_HOME") else "CUDA_PATH" if os.environ.get("CUDA_PATH") else ""
+    if not found_how:
         toolkit = cuda_build.nvcc_wrapper_target()
         if toolkit is not None and (toolkit / "include" / "cuda_runtime.h").is_file():
             os.environ["CUDA_HOME"] = str(toolkit)  # read by torch's builder when it is imported below
+            found_how = f"behind {shutil.which('nvcc')}"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -99,6 +101,11 @@ def cuda_extension():
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return skip(f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME!r}); set CUDA_HOME to the directory above bin/nvcc")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_build.DEFAULT_ARCHS)
+    print(
+        f"regkern: building the CUDA extension with the toolkit at {CUDA_HOME} ({found_how or 'found by torch'}) "
+        f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",
+        file=sys.stderr,
+    )
     cxx, nvcc = cuda_build.build_flags()
     sources = [str(p.relative_to(ROOT)) for p in cuda_build.sources(ROOT / "csrc")]
     ext = CUDAExtension(cuda_build.EXTENSION_NAME, sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})

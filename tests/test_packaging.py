@@ -58,3 +58,21 @@ def test_sdist_and_the_wheel_built_from_it_ship_the_csrc_sources(tmp_path):
     from regkern.version import __version__
 
     assert f"Version: {__version__}" in metadata
+
+
+def _readme_setup_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("Set up on a fresh machine", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_set_up_is_two_commands_that_ci_runs_verbatim_without_cuda_home():
+    """A newcomer gets two commands (install + main job; test extras + tests); .ci/run runs exactly those, first,
+    and never sets CUDA_HOME (the toolkit behind the nvcc on PATH must be found by regkern itself)."""
+    commands = _readme_setup_commands()
+    assert commands == ["pip install -e . && python -m regkern demo", 'pip install -e ".[test]" && python -m pytest']
+    ci = (ROOT / ".ci" / "run").read_text()
+    code_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    first_pip = next(i for i, line in enumerate(code_lines) if line.startswith("pip "))
+    assert code_lines[first_pip : first_pip + 2] == commands
+    assert "CUDA_HOME=" not in "\n".join(code_lines) and "export CUDA_HOME" not in ci

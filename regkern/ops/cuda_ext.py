@@ -215,11 +215,13 @@ def load(build: bool = True) -> ExtensionStatus:
         for callback in _callbacks:
             callback()
         with_cuda = bool(getattr(module, "WITH_CUDA", 0))
+        built_with = f", toolkit {find_toolkit()}" if source == "jit" else ""
         _status = ExtensionStatus(
             True,
             source,
             with_cuda,
-            f"loaded ({source}, CUDA kernels {'compiled in' if with_cuda else 'absent: CPU implementations only'})",
+            f"loaded ({source}{built_with}, CUDA kernels "
+            f"{'compiled in' if with_cuda else 'absent: CPU implementations only'})",
         )
         return _status
 

@@ -22,7 +22,8 @@ import regkern
 from regkern import cuda_ext, reference
 from tests.helpers import attention_case_id, case_id, dtype_id, eager_attention, max_error, packed_qkv, registers
 
-REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("REGKERN_REQUIRE_CUDA_EXT") == "1"
+# a newcomer (and CI running the README's commands) skips what is missing; .ci/run then requires it
+REQUIRED = os.environ.get("REGKERN_REQUIRE_CUDA_EXT") == "1"
 
 
 @pytest.fixture(scope="module")
