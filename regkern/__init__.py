@@ -10,6 +10,8 @@ Public API (see README.md):
     dispatch_table          the measured triton-vs-cuda table behind backend="auto"
     RegisterViTAttention    drop-in for timm.layers.Attention
     RegisterEvaAttention    drop-in for timm's EvaAttention (RoPE on patch tokens)
+    RegisterRopeAttention, RegisterDiffAttention, RegisterParallelScalingBlock, RegisterDiffParallelScalingBlock:
+                            drop-ins for timm's AttentionRope, DiffAttention and parallel blocks
     patch_timm / unpatch_timm / explain / get_monitor
     NormMonitor             residual-norm and attention statistics of a patched ViT, on the device
     add_registers / register_parameters / freeze_all_but_registers   registers for a model that has none
@@ -25,7 +27,17 @@ import sys
 
 from . import nn, ops, reference
 from .monitor import NormMonitor, NormReport, patch_timm
-from .nn import MonitoredLayerNorm, RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention, explain
+from .nn import (
+    MonitoredLayerNorm,
+    RegisterAttentionBase,
+    RegisterDiffAttention,
+    RegisterDiffParallelScalingBlock,
+    RegisterEvaAttention,
+    RegisterParallelScalingBlock,
+    RegisterRopeAttention,
+    RegisterViTAttention,
+    explain,
+)
 from .ops import cuda_ext, dispatch_table
 from .ops.attention import AUTO_ORDER, BACKENDS, AttentionRequest, get_backend, register_attention, resolve_backend
 from .ops.embed_tokens import embed_tokens
@@ -71,6 +83,10 @@ __all__ = [
     "RegisterAttentionBase",
     "RegisterViTAttention",
     "RegisterEvaAttention",
+    "RegisterRopeAttention",
+    "RegisterDiffAttention",
+    "RegisterParallelScalingBlock",
+    "RegisterDiffParallelScalingBlock",
     "patch_timm",
     "unpatch_timm",
     "explain",

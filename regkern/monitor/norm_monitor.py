@@ -195,12 +195,17 @@ class NormMonitor:
 
         for i, block in enumerate(self.blocks):  # every check before anything is replaced
             attn = getattr(block, "attn", None)
+            if isinstance(block, RegisterAttentionBase):  # timm's parallel blocks: no norm1 -> attn of their own
+                raise ValueError(
+                    f"model.blocks[{i}]: {type(block).__name__} feeds attention and MLP from one in_norm in parallel; "
+                    f"NormMonitor measures blocks with norm1 -> attn (timm Block, EvaBlock) only"
+                )
             if not isinstance(attn, RegisterAttentionBase):
                 cls = f"{type(attn).__module__}.{type(attn).__qualname__}"
                 raise ValueError(
-                    f"model.blocks[{i}].attn: {cls} is not an attention class regkern supports (timm Attention and "
-                    f"EvaAttention), so its statistics cannot be monitored; NormMonitor needs regkern attention in "
-                    f"every block"
+                    f"model.blocks[{i}].attn: {cls} is not an attention class regkern supports "
+                    f"(regkern.timm.supported_attention_classes()), so its statistics cannot be monitored; "
+                    f"NormMonitor needs regkern attention in every block"
                 )
             norm = getattr(block, "norm1", None)
             if not isinstance(norm, MonitoredLayerNorm):
@@ -328,7 +333,7 @@ class NormMonitor:
         for i, (block, attn) in enumerate(zip(self.blocks, self.attentions)):
             block.norm1.norm_accumulators = self._accumulators[i]
             block.norm1.group_norm_sink = _LayerSink(self._record_norms, i)
-            if self.attention_stats:
+            if self.attention_stats and attn.supports_statistics:  # others: their shares print as n/a
                 attn.set_monitoring(self.attention_stats, _LayerSink(self._record_attention, i))
         self.enabled = True
 

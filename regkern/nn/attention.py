@@ -25,7 +25,7 @@ from ..reference import apply_rope
 __all__ = ["RegisterAttentionBase", "RegisterViTAttention", "RegisterEvaAttention"]
 
 
-def _causal_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, device) -> Optional[torch.Tensor]:
+def causal_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, device) -> Optional[torch.Tensor]:
     if not is_causal:
         return attn_mask
     if attn_mask is not None:
@@ -46,6 +46,13 @@ class RegisterAttentionBase(nn.Module):
     #: RoPE layout of the module (Eva); plain ViT attention has no RoPE
     uses_rope: bool = False
     rotate_half: bool = False
+    #: whether the module can hand attention statistics to a monitor (``set_monitoring``)
+    supports_statistics: bool = True
+
+    @property
+    def kernel_head_dim(self) -> int:
+        """Head dim of the attention calls this module makes (what the backend is chosen for)."""
+        return self.head_dim
 
     def _setup_registers_and_backend(
         self, num_kv_registers: int, num_prefix_tokens: int, backend: Optional[str], device=None, dtype=None
@@ -54,6 +61,8 @@ class RegisterAttentionBase(nn.Module):
             raise ValueError(f"num_kv_registers: expected an int >= 0, got {num_kv_registers!r}")
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens: expected an int >= 0, got {num_prefix_tokens!r}")
+        if num_kv_registers and not self.supports_kv_registers:
+            raise ValueError(f"num_kv_registers: {type(self).__name__} takes no KV registers ({self.limits_reason})")
         self.num_prefix_tokens = num_prefix_tokens
         self.num_kv_registers = num_kv_registers
         if num_kv_registers:
@@ -97,9 +106,15 @@ class RegisterAttentionBase(nn.Module):
         self.train(attn.training)
         return self
 
+    #: why ``supports_statistics`` / ``supports_kv_registers`` is False, in words
+    limits_reason: str = ""
+    supports_kv_registers: bool = True
+
     def add_kv_registers(self, num: int, std: float = 0.02) -> None:
         """Give a module without KV-only registers ``num`` of them (parameters ``reg_k``/``reg_v``, (num, H, d),
         truncated normal init on the module's device and dtype). Re-chooses the backend once."""
+        if not self.supports_kv_registers:
+            raise ValueError(f"num: {type(self).__name__} takes no KV registers ({self.limits_reason})")
         if self.reg_k is not None:
             raise ValueError(f"module: already has {self.num_kv_registers} KV registers (add them once)")
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
@@ -135,7 +150,7 @@ class RegisterAttentionBase(nn.Module):
         request = AttentionRequest(
             p.device.type,
             p.dtype,
-            self.head_dim,
+            self.kernel_head_dim,
             frozenset(self.monitor_stats),
             False,
             dropout,
@@ -187,6 +202,8 @@ class RegisterAttentionBase(nn.Module):
         """Request attention statistics (names from ``reference.STAT_NAMES``) on every call and hand them, as an
         ``AttentionStats``, to ``sink(stats)``; ``set_monitoring()`` turns it off. Re-chooses the backend once."""
         stats = tuple(stats)
+        if stats and not self.supports_statistics:
+            raise ValueError(f"stats: {type(self).__name__} cannot report attention statistics ({self.limits_reason})")
         if bool(stats) != (sink is not None):
             raise ValueError("sink: statistics and a sink go together (both given or both empty)")
         if "prefix_rows" in stats and self.num_prefix_tokens == 0:
@@ -363,7 +380,7 @@ class RegisterViTAttention(RegisterAttentionBase):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        attn_mask = _causal_mask(attn_mask, is_causal, N, x.device)
+        attn_mask = causal_mask(attn_mask, is_causal, N, x.device)
         x = self._attend(q, k, v, attn_mask).view(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -493,7 +510,7 @@ class RegisterEvaAttention(RegisterAttentionBase):
             q = self.q_proj(x).reshape(B, N, H, self.head_dim)
             k = self.k_proj(x).reshape(B, N, H, self.head_dim)
             v = self.v_proj(x).reshape(B, N, H, self.head_dim)
-        attn_mask = _causal_mask(attn_mask, is_causal, N, x.device)
+        attn_mask = causal_mask(attn_mask, is_causal, N, x.device)
         x = self._attend(q, k, v, attn_mask, rope).view(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

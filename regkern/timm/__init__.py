@@ -7,7 +7,15 @@
 (``regkern.patch_timm``, which can also attach a NormMonitor, is the monitor layer's.)
 """
 
-from .patching import get_monitor, patch_attention, prefix_counters, supported_attention_classes, unpatch_timm
+from .patching import (
+    KNOWN_UNSUPPORTED,
+    get_monitor,
+    patch_attention,
+    patched_modules,
+    prefix_counters,
+    supported_attention_classes,
+    unpatch_timm,
+)
 from .registers import REGISTER_PARAMETER_NAMES, add_registers, freeze_all_but_registers, register_parameters
 from .test_time_registers import (
     NeuronSpec,
@@ -23,6 +31,8 @@ __all__ = [
     "get_monitor",
     "prefix_counters",
     "supported_attention_classes",
+    "KNOWN_UNSUPPORTED",
+    "patched_modules",
     "add_registers",
     "register_parameters",
     "freeze_all_but_registers",

@@ -17,7 +17,15 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..nn import RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention
+from ..nn import (
+    RegisterAttentionBase,
+    RegisterDiffAttention,
+    RegisterDiffParallelScalingBlock,
+    RegisterEvaAttention,
+    RegisterParallelScalingBlock,
+    RegisterRopeAttention,
+    RegisterViTAttention,
+)
 from .embedding import restore_pos_embed, route_pos_embed
 
 __all__ = [
@@ -27,6 +35,8 @@ __all__ = [
     "attach_monitor",
     "detach_monitor",
     "supported_attention_classes",
+    "KNOWN_UNSUPPORTED",
+    "patched_modules",
     "prefix_counters",
     "original_module",
 ]
@@ -36,16 +46,52 @@ _MONITOR = "_regkern_monitor"
 
 
 def supported_attention_classes() -> dict[type, type]:
-    """timm attention class -> regkern replacement."""
+    """timm class -> regkern replacement (attention modules, and the parallel blocks that compute attention
+    themselves); classes the installed timm does not have yet are left out."""
     # lazy import of timm: importing regkern does not import timm
-    from timm.layers import Attention
-    from timm.models.eva import EvaAttention
+    import timm.layers
+    import timm.models.eva
+    import timm.models.vision_transformer
 
-    return {Attention: RegisterViTAttention, EvaAttention: RegisterEvaAttention}
+    wanted = [
+        (timm.layers, "Attention", RegisterViTAttention),
+        (timm.models.eva, "EvaAttention", RegisterEvaAttention),
+        (timm.layers, "AttentionRope", RegisterRopeAttention),
+        (timm.layers, "DiffAttention", RegisterDiffAttention),
+        (timm.models.vision_transformer, "ParallelScalingBlock", RegisterParallelScalingBlock),
+        (timm.models.vision_transformer, "DiffParallelScalingBlock", RegisterDiffParallelScalingBlock),
+    ]
+    return {getattr(where, name): ours for where, name, ours in wanted if hasattr(where, name)}
+
+
+#: timm classes that compute attention but are left to timm on purpose, with the reason (named in the warning)
+KNOWN_UNSUPPORTED = {
+    "AttentionPoolLatent": "the attention-pooling head (learned latent queries over the tokens, cross-attention); "
+    "not the blocks' register self-attention, and a few queries only",
+    "HaloAttn": "blocked local (halo) attention of a convolutional network, not ViT attention",
+}
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
-    return "attention" in type(module).__name__.lower() or isinstance(module, nn.MultiheadAttention)
+    """A module that computes attention itself: a MultiheadAttention, one named so, or one that owns the attention
+    math (a ``num_heads`` attribute, as timm's parallel blocks); never a block around such a module."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    if any(_looks_like_attention(child) for child in module.children()):
+        return False  # a container: its attention child is the one to name
+    name = type(module).__name__.lower()
+    return "attention" in name or "attn" in name or isinstance(getattr(module, "num_heads", None), int)
+
+
+def _describe_class(module: nn.Module) -> str:
+    cls = type(module)
+    reason = KNOWN_UNSUPPORTED.get(cls.__name__)
+    return f"{cls.__module__}.{cls.__qualname__}" + (f" [{reason}]" if reason else "")
+
+
+def patched_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the regkern modules in ``model`` (empty when nothing was patched)."""
+    return [name for name, module in model.named_modules() if isinstance(module, RegisterAttentionBase)]
 
 
 def _set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
@@ -81,22 +127,24 @@ def patch_attention(
     num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     replacements: list[tuple[str, nn.Module]] = []
     unsupported: Counter = Counter()
+    unsupported_names: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, RegisterAttentionBase) or _inside_patched(name, replacements):
             continue
         target = supported.get(type(module))
         if target is None:
-            if name and _looks_like_attention(module):
-                unsupported[f"{type(module).__module__}.{type(module).__qualname__}"] += 1
+            if name and _looks_like_attention(module) and not _inside_unsupported(name, unsupported_names):
+                unsupported[_describe_class(module)] += 1
+                unsupported_names.append(name)
             continue
         if not name:
             raise TypeError("model: the model itself is an attention module; wrap it in a container to patch it")
-        if target is RegisterViTAttention:
-            new = RegisterViTAttention.from_timm(
+        if target in (RegisterEvaAttention, RegisterRopeAttention):  # they know their own prefix length
+            new = target.from_timm(module, num_kv_registers=num_kv_registers, backend=backend)
+        else:
+            new = target.from_timm(
                 module, num_kv_registers=num_kv_registers, num_prefix_tokens=num_prefix, backend=backend
             )
-        else:
-            new = RegisterEvaAttention.from_timm(module, num_kv_registers=num_kv_registers, backend=backend)
         object.__setattr__(new, _ORIGINAL, module)  # plain attribute: not a submodule, not in state_dict
         replacements.append((name, new))
     seq_len = _fixed_seq_len(model, num_prefix)
@@ -151,6 +199,10 @@ def original_module(module: nn.Module) -> Optional[nn.Module]:
         return None
     original = module.__dict__.get(_ORIGINAL)
     return original if isinstance(original, nn.Module) else None
+
+
+def _inside_unsupported(name: str, names: list[str]) -> bool:
+    return any(name.startswith(parent + ".") for parent in names)
 
 
 def _inside_patched(name: str, replacements: list[tuple[str, nn.Module]]) -> bool:

@@ -337,3 +337,28 @@ def test_attention_shares_of_a_model_without_cls_go_to_its_registers():
     for share in regkern.get_monitor(model).report().attention_share:
         assert share["cls"] == 0.0 and share["registers"] > 0.0
         assert sum(share.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_differential_attention_models_measure_norms_and_print_shares_as_not_available():
+    """vit_dwee (timm DiffAttention): norms are measured in every block; attention shares of two mixed softmax maps
+    are not defined, so they print as n/a instead of a number that would mislead."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, img_size=32, depth=2).eval()
+    monitor = regkern.NormMonitor(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    report = monitor.report()
+    assert int(monitor.count.sum()) == 2 * 2 * (1 + 4)  # layers x images x (register + 2x2 patches)
+    assert all(v is None for layer in report.attention_share for v in layer.values())
+    assert "n/a" in str(report)
+
+
+def test_parallel_blocks_are_refused_with_the_reason():
+    import timm
+
+    model = timm.create_model("vit_pwee_patch16_reg1_gap_256", pretrained=False, img_size=32, depth=2).eval()
+    with pytest.raises(ValueError, match=r"model.blocks\[0\]: RegisterParallelScalingBlock feeds attention and MLP"):
+        regkern.NormMonitor(model)
+    assert regkern.get_monitor(model) is None

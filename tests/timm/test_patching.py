@@ -17,7 +17,8 @@ from timm.layers import Attention
 from timm.models.eva import EvaAttention
 
 import regkern
-from regkern import RegisterEvaAttention, RegisterViTAttention, explain, patch_timm, unpatch_timm
+from regkern import RegisterAttentionBase, RegisterEvaAttention, RegisterViTAttention, explain, patch_timm, unpatch_timm
+from regkern.timm.patching import supported_attention_classes
 from tests.helpers import perturb_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,11 +30,16 @@ MODELS = [
     "vit_betwixt_patch16_rope_reg4_gap_256",  # Eva, RoPE, q/v bias with k_bias buffer, 4 registers
     "deit3_small_patch16_224",  # VisionTransformer, layer scale, no_embed_class
     "vit_tiny_patch16_224",  # plain VisionTransformer
+    "vit_pe_spatial_tiny_patch16_512",  # Eva blocks with timm AttentionRope (Perception Encoder), CLS
+    "vit_dwee_patch16_reg1_gap_256",  # timm DiffAttention (two maps per head), 1 register
+    "vit_pwee_patch16_reg1_gap_256",  # ParallelScalingBlock (attention inside the block), 1 register
+    "vit_dpwee_patch16_reg1_gap_256",  # DiffParallelScalingBlock
 ]
 IMG = 32  # every model above accepts 32 px (patch 14 -> 2x2 grid, patch 16 -> 2x2 grid)
 BATCH = 2
-TIMM_ATTN = (Attention, EvaAttention)
-REGKERN_ATTN = (RegisterViTAttention, RegisterEvaAttention)
+SUPPORTED = supported_attention_classes()  # timm class -> regkern class
+TIMM_ATTN = tuple(SUPPORTED)
+REGKERN_ATTN = (RegisterAttentionBase,)
 OUT_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -123,7 +129,8 @@ def test_patched_gradients_match(pristine, images):
     assert n_nonzero > len(g_ref) // 2  # the comparison is not between zeros
     # every attention layer received gradients
     for mname, m in regkern_modules(patched).items():
-        assert m.qkv.weight.grad is not None and m.qkv.weight.grad.abs().sum() > 0, mname
+        projection = m.in_proj if hasattr(m, "in_proj") else m.qkv  # parallel blocks: one fused input projection
+        assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0, mname
 
 
 def test_state_dict_round_trip(pristine, images):
@@ -148,22 +155,20 @@ def test_every_attention_is_replaced_and_explained(pristine):
     name, base = pristine
     model = copy.deepcopy(base)
     before = timm_attention_modules(model)
-    assert len(before) == 12, name  # 12 blocks in each of these architectures
+    assert len(before) == len(model.blocks), name  # one per block
     patch_timm(model)
     assert timm_attention_modules(model) == {}
     after = regkern_modules(model)
     assert sorted(after) == sorted(before)
     for mname, m in after.items():
-        expected = RegisterEvaAttention if type(before[mname]) is EvaAttention else RegisterViTAttention
-        assert type(m) is expected, mname
+        assert type(m) is SUPPORTED[type(before[mname])], mname
         assert m.num_prefix_tokens == base.num_prefix_tokens, mname
         assert m.backend_name == "torch"
     text = explain(model)
     lines = [line for line in text.splitlines() if not line.startswith("_pos_embed: ")]
     assert len(text.splitlines()) - len(lines) == int(type(model).__name__ == "VisionTransformer")
     assert len(lines) == len(before)
-    for mname, line in zip(sorted(after), sorted(lines)):
-        assert line.startswith(mname + ":"), line
+    assert sorted(line.split(":", 1)[0] for line in lines) == sorted(after)
     for line in lines:
         assert "torch" in line, line
     # explain on an unpatched model says so instead of listing nothing
@@ -218,9 +223,13 @@ def test_double_while_patched_then_unpatch(pristine, images):
 
 def test_kv_registers_added_per_layer(pristine, images):
     name, base = pristine
+    if any(not SUPPORTED[type(m)].supports_kv_registers for m in timm_attention_modules(base).values()):
+        with pytest.raises(ValueError, match="num_kv_registers: RegisterDiff.*takes no KV registers"):
+            patch_timm(copy.deepcopy(base), num_kv_registers=2)
+        return
     model = patch_timm(copy.deepcopy(base), num_kv_registers=2)
     mods = regkern_modules(model)
-    assert len(mods) == 12
+    assert len(mods) == len(model.blocks)
     sd = model.state_dict()
     for mname, m in mods.items():
         assert m.num_kv_registers == 2
@@ -435,3 +444,68 @@ def test_misspelt_backend_names_fail_at_patch_time(monkeypatch):
     with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
         model.blocks[0].attn.set_backend("trition")
     assert model.blocks[0].attn.requested_backend is None
+
+
+# ------------------------------------------------------------------------------- every timm register ViT
+
+
+def _timm_register_models() -> list[str]:
+    names = set()
+    for pattern in ("*reg*", "vit_pe_*", "*dinov3*", "naflexvit_*"):
+        names.update(timm.list_models(pattern))
+    return sorted(names)
+
+
+def _computes_attention(module: nn.Module) -> bool:
+    # independent of regkern's own detection: attention by name, or the blocks that compute it inline
+    from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
+
+    name = type(module).__name__.lower()
+    if isinstance(module, (ParallelScalingBlock, DiffParallelScalingBlock)):
+        return True
+    named = "attention" in name or "attn" in name
+    return named and not any(_computes_attention(child) for child in module.children())  # not a block around one
+
+
+@pytest.mark.slow
+def test_every_timm_register_vit_is_fully_patched_or_named_with_its_reason():
+    """timm's register ViTs (`*reg*`, `vit_pe_*`, `*dinov3*`, `naflexvit_*`), built on the meta device: every
+    attention module is regkern's after patch_timm, except classes in KNOWN_UNSUPPORTED, which the one warning names
+    with their reason. Models of those lists without attention (RegNets) are not ViTs and patch nothing, silently."""
+    from regkern.timm import KNOWN_UNSUPPORTED, patched_modules
+
+    checked = {"vit": 0, "not a transformer": 0}
+    for name in _timm_register_models():
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        attention_before = [n for n, m in model.named_modules() if _computes_attention(m)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            patch_timm(model)
+        messages = [str(w.message) for w in caught if "regkern" in str(w.message)]
+        if not attention_before:
+            assert not patched_modules(model) and not messages, name
+            checked["not a transformer"] += 1
+            continue
+        left = {type(m).__name__ for m in model.modules() if _computes_attention(m) and not isinstance(m, REGKERN_ATTN)}
+        assert left <= set(KNOWN_UNSUPPORTED), f"{name}: {sorted(left - set(KNOWN_UNSUPPORTED))} left unpatched"
+        if left:
+            assert len(messages) == 1, (name, messages)
+            for cls in left:
+                assert cls in messages[0] and KNOWN_UNSUPPORTED[cls] in messages[0], (name, messages[0])
+        else:
+            assert not messages, (name, messages)
+        blocks = getattr(model, "blocks", None)
+        if blocks is not None:
+            assert len(patched_modules(model)) == len(blocks), name
+            checked["vit"] += 1
+    assert checked["vit"] >= 70 and checked["not a transformer"] >= 40, checked  # timm 1.0.31: 71 and 50
+
+
+def test_model_without_any_supported_attention_warns_with_the_classes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+    with pytest.warns(UserWarning, match="left unsupported attention modules untouched: .*MultiheadAttention"):
+        patch_timm(model)
+    from regkern.timm import patched_modules
+
+    assert patched_modules(model) == []
