@@ -10,6 +10,7 @@ from typing import Optional
 from ..version import __version__
 from .bench import add_bench_arguments, run_bench
 from .demo import add_demo_arguments, run_demo
+from .env import add_env_arguments, run_env
 from .inspect import add_inspect_arguments, run_inspect
 
 __all__ = ["build_parser", "main"]
@@ -32,10 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a patched, monitored ViT over images; write norm tables, histograms, norm and attention maps",
     )
     add_inspect_arguments(inspect)
+    env = commands.add_parser(
+        "env", help="print versions, CUDA toolkit, GPU, CUDA extension and attention backend (for bug reports)"
+    )
+    add_env_arguments(env)
     return parser
 
 
-COMMANDS = {"demo": run_demo, "bench": run_bench, "inspect": run_inspect}
+COMMANDS = {"demo": run_demo, "bench": run_bench, "inspect": run_inspect, "env": run_env}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -47,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"regkern {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"regkern {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

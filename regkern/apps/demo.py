@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import re
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,9 +19,20 @@ import torch.nn as nn
 
 from ..monitor import NormMonitor, patch_timm
 from ..nn import explain
+from ..timm import patched_modules
+from .images import to_rgb
 from .plotting import pyplot
 
-__all__ = ["add_demo_arguments", "run_demo", "load_checkpoint", "load_images", "residual_norm_table"]
+__all__ = [
+    "add_demo_arguments",
+    "run_demo",
+    "resolve_device",
+    "create_model",
+    "load_checkpoint",
+    "patch_or_refuse",
+    "load_images",
+    "residual_norm_table",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 OFFLINE_NOTE = (
@@ -33,7 +47,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, help="folder of images (default: a synthetic batch)")
     p.add_argument("--img-size", type=int, default=224, help="input resolution (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--dtype",
         default=None,
@@ -68,36 +82,117 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``--device`` as a torch.device (None: cuda when available, else cpu); ValueError for anything else, or for
+    a GPU that is not there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = device.strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device: {name} requested but no CUDA GPU is available (torch.cuda.is_available() is False)"
+            )
+        count = torch.cuda.device_count()
+        if ":" in name and int(name.split(":")[1]) >= count:
+            raise ValueError(f"--device: {name} requested but torch sees {count} CUDA GPU(s)")
+    return torch.device(name)
+
+
+def create_model(name: str, img_size: Optional[int] = None) -> nn.Module:
+    """``timm.create_model(name, pretrained=False[, img_size=...])``; ValueError naming ``--model`` when timm does
+    not know the name (with close matches) or cannot build it."""
+    # lazy import of timm: importing regkern does not import timm
+    import timm
+
+    kwargs = {"img_size": img_size} if img_size else {}
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if str(err).startswith("Unknown model"):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f" (close: {', '.join(close)})" if close else " (timm.list_models() lists them)"
+            raise ValueError(f"--model: timm has no model named {name!r}{hint}") from None
+        raise ValueError(f"--model: timm cannot build {name!r}: {err}") from None
+    except Exception as err:  # e.g. TypeError: a model family without img_size
+        size = f" at img_size={img_size}" if img_size else ""
+        raise ValueError(f"--model: timm cannot build {name!r}{size}: {type(err).__name__}: {err}") from None
+
+
+def patch_or_refuse(model: nn.Module, name: str, backend: Optional[str] = None) -> nn.Module:
+    """``patch_timm(model, backend=...)``; a model in which nothing was patched raises ValueError with patch_timm's
+    warning (the unsupported classes) instead of running timm's attention under regkern's name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_timm(model, backend=backend)
+    notes = [str(w.message) for w in caught if "regkern" in str(w.message)]
+    if not patched_modules(model):
+        why = "; ".join(notes) or "it has no attention module of a family regkern supports"
+        raise ValueError(f"--model: regkern patched nothing in {name} ({why})")
+    for w in caught:  # patched: pass the warnings on as they came
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+def _brief(err: BaseException, limit: int = 300) -> str:
+    """An exception in one line of at most ``limit`` characters (torch's messages span many lines)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_error(err: BaseException) -> str:
+    """Why a checkpoint could not be read, in one line."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # torch.load(weights_only=True) wraps the actual reason in a page of advice
+        reason = text.split(marker, 1)[1].split("Check the documentation of torch.load")[0]
+        return f"torch.load(weights_only=True) refused it: {_brief(reason)}"
+    if isinstance(err, EOFError):
+        return "the file is empty or truncated (EOFError)"
+    return f"{type(err).__name__}: {_brief(err)}"
+
+
 def load_checkpoint(model: nn.Module, path: Path) -> str:
     """Load a local checkpoint into ``model`` (strict). Returns a one-line description.
 
     Accepts a plain state_dict or one nested under 'state_dict'/'model', in torch or safetensors format. Original
     (non-timm) layouts such as the DINOv2 release are converted with the model family's ``checkpoint_filter_fn``.
+    A file that cannot be read, or does not fit the model, raises ValueError naming ``--checkpoint``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no such file: {path}")
-    if path.suffix == ".safetensors":
-        # lazy import of safetensors: only .safetensors checkpoints need it
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            # lazy import of safetensors: only .safetensors checkpoints need it
+            from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip, safetensors header errors...: each library raises its own kinds
+        raise ValueError(f"--checkpoint: cannot read {path}: {_read_error(err)}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"--checkpoint: {path} holds a {type(state).__name__}, not a state_dict")
     try:
         model.load_state_dict(state, strict=True)
         return f"loaded {path} ({len(state)} tensors)"
     except RuntimeError as first_error:
         filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
         if filter_fn is None:
-            raise ValueError(f"--checkpoint: {path} does not match the model: {first_error}") from None
+            raise ValueError(f"--checkpoint: {path} does not match the model: {_brief(first_error)}") from None
         try:
             model.load_state_dict(filter_fn(state, model), strict=True)
         except Exception as err:  # the converted layout still does not fit: report both
-            raise ValueError(f"--checkpoint: {path} does not match the model: {err}") from None
+            raise ValueError(
+                f"--checkpoint: {path} does not match the model: {_brief(first_error, 200)}; converting it with "
+                f"{type(model).__module__}.checkpoint_filter_fn failed too: {type(err).__name__}: {_brief(err, 150)}"
+            ) from None
         return f"loaded {path} ({len(state)} tensors, converted with {type(model).__module__}.checkpoint_filter_fn)"
 
 
@@ -120,7 +215,7 @@ def load_images(folder: Path, model: nn.Module, img_size: int, limit: int) -> tu
             continue
         try:
             with Image.open(f) as im:
-                tensors.append(transform(im.convert("RGB")))
+                tensors.append(transform(to_rgb(im)))
             names.append(f.name)
         except Exception as err:
             print(f"skipping {f.name}: {err}")
@@ -222,20 +317,14 @@ def format_norm_table(rows: list[dict[str, float]]) -> str:
 
 def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, object]:
     """Run the demo; returns what it printed as numbers (for tests and scripts)."""
-    # lazy import of timm: importing regkern does not import timm
-    import timm
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.batch_size < 1 or args.img_size < 1:
         raise ValueError("--batch-size and --img-size must be >= 1")
     if args.attention_map and not args.monitor:
         raise ValueError("--attention-map needs --monitor")
     torch.manual_seed(0)
-    try:
-        model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
-    except RuntimeError as err:
-        raise ValueError(f"--model: timm cannot build {args.model!r}: {err}") from None
+    model = create_model(args.model, img_size=args.img_size)
     weights = load_checkpoint(model, args.checkpoint) if args.checkpoint else OFFLINE_NOTE
     model = model.eval()
 
@@ -248,7 +337,7 @@ def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> di
     x = x.to(device=device, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
 
-    patched = patch_timm(copy.deepcopy(model), backend=args.backend)
+    patched = patch_or_refuse(copy.deepcopy(model), args.model, backend=args.backend)
     planted = []
     if args.plant is not None:
         for m in (model, patched):

@@ -2,10 +2,10 @@
 
 Outputs under ``--out`` (default ``inspect-out``):
     norms.json               the per-layer, per-group norm table (``NormReport.to_dict()``), also printed
-    norm_histograms.png      a log-scale histogram of token norms per layer (CLS, registers, patches)
-    norm_map_<image>.png     each image beside its last-layer patch-norm map
-    attention_<image>.png    the CLS/register attention maps of the last layer, per head
-Unreadable image files are reported and skipped; the run goes on.
+    norm_histograms.png      a log-scale histogram of token norms per layer (CLS, registers, patches), threshold line
+    norm_map_<image>.png     the image as the model saw it (its resize and crop) beside its last-layer patch-norm map
+    attention_<image>.png    the CLS/register attention maps of the last layer, per head, with colour bars
+Unreadable image files are reported and skipped (they still advance the progress bar); the run goes on.
 """
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ from typing import Callable, Optional
 
 import torch
 
-from ..monitor import NormMonitor, patch_timm
-from .demo import IMAGE_SUFFIXES, OFFLINE_NOTE, PLANT_FACTOR, load_checkpoint, plant_artifacts
+from ..monitor import NormMonitor
+from .demo import (
+    IMAGE_SUFFIXES,
+    OFFLINE_NOTE,
+    PLANT_FACTOR,
+    create_model,
+    load_checkpoint,
+    patch_or_refuse,
+    plant_artifacts,
+    resolve_device,
+)
+from .images import model_view, to_rgb
 from .plotting import pyplot
 
 __all__ = ["add_inspect_arguments", "run_inspect", "collect_image_files"]
@@ -32,9 +42,9 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("inspect-out"), help="output folder (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threshold", type=float, default=150.0, help="outlier threshold on token norms (default: 150)")
-    p.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    p.add_argument("--max-images", type=int, default=None, help="read at most this many files (>= 1)")
     p.add_argument(
         "--plant",
         type=int,
@@ -59,30 +69,29 @@ def collect_image_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def _batches(
-    files: Sequence[Path], transform, batch_size: int, report: Callable[[str], None]
-) -> Iterator[tuple[torch.Tensor, list[Path], list]]:
+    files: Sequence[Path], transform, batch_size: int, skipped: Callable[[Path, Exception], None]
+) -> Iterator[tuple[torch.Tensor, list[Path]]]:
+    """Batches of transformed images and their files; ``skipped(file, error)`` hears of each unreadable file."""
     # lazy import of PIL: importing regkern does not import it
     from PIL import Image
 
-    tensors, names, pictures = [], [], []
+    tensors, names = [], []
     for f in files:
         try:
             with Image.open(f) as im:
-                rgb = im.convert("RGB")
-            tensors.append(transform(rgb))
+                tensors.append(transform(to_rgb(im)))
             names.append(f)
-            pictures.append(rgb)
         except Exception as err:  # a broken file never aborts the run
-            report(f"skipping {f}: {err}")
+            skipped(f, err)
             continue
         if len(tensors) == batch_size:
-            yield torch.stack(tensors), names, pictures
-            tensors, names, pictures = [], [], []
+            yield torch.stack(tensors), names
+            tensors, names = [], []
     if tensors:
-        yield torch.stack(tensors), names, pictures
+        yield torch.stack(tensors), names
 
 
-def _plot_histograms(report_dict: dict[str, object], path: Path) -> None:
+def _plot_histograms(report_dict: dict[str, object], path: Path, threshold: float) -> None:
     plt = pyplot()
 
     edges = report_dict["bin_edges"]
@@ -96,6 +105,7 @@ def _plot_histograms(report_dict: dict[str, object], path: Path) -> None:
         ax.axis("on")
         for row in (r for r in report_dict["rows"] if r["layer"] == layer and r["count"]):
             ax.stairs(row["histogram"], edges, label=row["group"])
+        ax.axvline(threshold, color="red", linestyle="--", linewidth=0.8, label=f"threshold {threshold:g}")
         ax.set_xscale("log")
         ax.set_yscale("symlog")
         ax.set_title(f"layer {layer}", fontsize=8)
@@ -108,12 +118,16 @@ def _plot_histograms(report_dict: dict[str, object], path: Path) -> None:
 
 
 def _plot_norm_map(picture, norm_map: torch.Tensor, path: Path, threshold: float) -> None:
+    """picture: (H, W, 3) array of what the model received; norm_map (gh, gw) is drawn over the same H x W pixels so
+    each cell sits beside the patch it belongs to."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.0))
-    axes[0].imshow(picture)
-    axes[0].set_title("image", fontsize=8)
-    shown = axes[1].imshow(norm_map.float().cpu().numpy(), cmap="magma")
+    height, width = picture.shape[:2]
+    extent = (0, width, height, 0)
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.0), sharex=True, sharey=True)
+    axes[0].imshow(picture, extent=extent)
+    axes[0].set_title(f"model input ({width}x{height}, resized and cropped)", fontsize=8)
+    shown = axes[1].imshow(norm_map.float().cpu().numpy(), cmap="magma", extent=extent)
     axes[1].set_title(f"last-layer patch norms (max {norm_map.max().item():.1f}, threshold {threshold:g})", fontsize=8)
     fig.colorbar(shown, ax=axes[1], fraction=0.046)
     for ax in axes:
@@ -124,23 +138,28 @@ def _plot_norm_map(picture, norm_map: torch.Tensor, path: Path, threshold: float
 
 
 def _plot_attention(maps: torch.Tensor, path: Path, has_cls: bool) -> None:
-    """maps (H, P, gh, gw) of one image: a P x H grid."""
+    """maps (H, P, gh, gw) of one image: a P x H grid, one colour bar per prefix query."""
     plt = pyplot()
 
     H, P = maps.shape[:2]
-    fig, axes = plt.subplots(P, H, figsize=(1.3 * H, 1.3 * P), squeeze=False)
+    data = maps.float().cpu()
+    # constrained layout makes room for a colour bar spanning a row of panels (tight_layout cannot)
+    fig, axes = plt.subplots(P, H, figsize=(1.3 * H + 0.8, 1.3 * P), squeeze=False, layout="constrained")
     for p in range(P):
+        # one scale per row: the heads of a query compare at a glance
+        top = max(data[:, p].max().item(), 1e-12)
         for h in range(H):
             ax = axes[p][h]
-            ax.imshow(maps[h, p].float().cpu().numpy(), cmap="viridis")
+            shown = ax.imshow(data[h, p].numpy(), cmap="viridis", vmin=0.0, vmax=top)
             ax.set_xticks([])
             ax.set_yticks([])
             if p == 0:
                 ax.set_title(f"head {h}", fontsize=7)
             if h == 0:
                 ax.set_ylabel("CLS" if has_cls and p == 0 else f"reg {p + 1 - int(has_cls)}", fontsize=7)
+        bar = fig.colorbar(shown, ax=list(axes[p]), fraction=0.02, pad=0.01)
+        bar.ax.tick_params(labelsize=6)
     fig.suptitle("last-layer attention of the prefix queries over the patches", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -148,27 +167,24 @@ def _plot_attention(maps: torch.Tensor, path: Path, has_cls: bool) -> None:
 def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, object]:
     """Run the inspection; returns the report dict and the written files."""
     # lazy import of timm and tqdm: importing regkern imports neither
-    import timm
     from timm.data import create_transform, resolve_data_config
     from tqdm import tqdm
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images: expected >= 1, got {args.max_images}")
+    device = resolve_device(args.device)
     files = collect_image_files(args.images)
     if args.max_images is not None:
-        files = files[: max(args.max_images, 0)]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        files = files[: args.max_images]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    try:
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
-    except RuntimeError as err:
-        raise ValueError(f"--model: timm cannot build {args.model!r}: {err}") from None
+    model = create_model(args.model, img_size=args.img_size)
     weights = load_checkpoint(model, args.checkpoint) if args.checkpoint else OFFLINE_NOTE
     size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     config = resolve_data_config({"input_size": (3, size, size), "crop_pct": 1.0}, model=model)
     transform = create_transform(**config)
-    model = patch_timm(model.eval().to(device=device, dtype=dtype))
+    model = patch_or_refuse(model.eval().to(device=device, dtype=dtype), args.model)
     if args.plant is not None:
         tokens = plant_artifacts(model, args.plant)
         out(
@@ -181,16 +197,24 @@ def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) ->
     out(f"regkern inspect: {args.model} at {size}px on {device}, {len(files)} files; weights: {weights}")
     written: list[Path] = []
     seen = 0
+    skipped: list[Path] = []
     progress = tqdm(total=len(files), unit="img", desc="inspect")
-    for x, names, pictures in _batches(files, transform, args.batch_size, lambda msg: progress.write(msg)):
+
+    def skip(f: Path, err: Exception) -> None:
+        progress.write(f"skipping {f}: {err}")
+        skipped.append(f)
+        progress.update(1)  # the bar counts files, read or not, so it reaches its total
+
+    for x, names in _batches(files, transform, args.batch_size, skip):
         with torch.inference_mode():
             model(x.to(device=device, dtype=dtype))
         norm_maps = monitor.norm_maps(-1)
         attention = monitor.attention_maps(-1) if monitor.num_prefix else None
-        for i, (name, picture) in enumerate(zip(names, pictures)):
+        for i, name in enumerate(names):
             stem = f"{seen:04d}_{name.stem}"
             path = args.out / f"norm_map_{stem}.png"
-            _plot_norm_map(picture.resize((size, size)), norm_maps[i], path, args.threshold)
+            # the very tensor the model got, un-normalised: the panel shows its resize and crop exactly
+            _plot_norm_map(model_view(x[i], config["mean"], config["std"]), norm_maps[i], path, args.threshold)
             written.append(path)
             if attention is not None:
                 path = args.out / f"attention_{stem}.png"
@@ -204,11 +228,11 @@ def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) ->
     report = monitor.report()
     report_dict = report.to_dict()
     (args.out / "norms.json").write_text(json.dumps(report_dict, indent=1))
-    _plot_histograms(report_dict, args.out / "norm_histograms.png")
+    _plot_histograms(report_dict, args.out / "norm_histograms.png", args.threshold)
     written = [args.out / "norms.json", args.out / "norm_histograms.png"] + written
     out(str(report))
     out(f"{seen} images inspected; wrote {len(written)} files to {args.out}")
-    return {"report": report_dict, "files": written, "images": seen}
+    return {"report": report_dict, "files": written, "images": seen, "skipped": skipped}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
