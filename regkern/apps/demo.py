@@ -371,6 +371,11 @@ def run_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> di
         out("(random weights: no high-norm artifacts are expected; load a trained checkpoint to see them)")
     if args.monitor:
         monitor = NormMonitor(patched, threshold=args.threshold)
+        if args.attention_map and not monitor.has_attention_maps(-1):
+            last = monitor.attentions[-1]
+            raise ValueError(
+                f"--attention-map: {type(last).__name__} cannot report attention maps ({last.limits_reason})"
+            )
         with torch.inference_mode():
             patched(x)
         out("")

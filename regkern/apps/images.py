@@ -16,17 +16,21 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 def to_rgb(image):
     """A PIL image of any mode as 8-bit RGB.
 
-    16-bit data ("I;16", "I;16B", ...) keeps its high byte; 32-bit integer ("I") and float ("F") data is scaled from
-    0 (or its minimum, when negative) to its maximum; palette ("P", "PA") and other images with transparency are
-    composited over white. ``Image.convert("RGB")`` alone clips 16-bit and integer data (a white picture) and drops
-    transparency to whatever colour the transparent pixels hold."""
+    16-bit data ("I;16", "I;16B", ..., and "I" images whose values fit in 16 bits) keeps its high byte; other 32-bit
+    integer ("I") and float ("F") data is scaled from 0 (or its minimum, when negative) to its maximum; palette ("P",
+    "PA") and other images with transparency are composited over white. ``Image.convert("RGB")`` alone clips 16-bit
+    and integer data (a white picture) and drops transparency to whatever colour the transparent pixels hold."""
     # lazy import of PIL: importing regkern does not import it
     from PIL import Image
 
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         data = np.asarray(image)
-        if mode.startswith("I;16"):
+        # Pillow versions differ in opening a 16-bit PNG as "I;16" or "I": 16-bit data gets the same treatment in both
+        sixteen_bit = mode.startswith("I;16") or (
+            mode == "I" and data.size and 255 < data.max() <= 65535 and data.min() >= 0
+        )
+        if sixteen_bit:
             gray = (data.astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
         else:
             data = np.nan_to_num(data.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)

@@ -195,6 +195,9 @@ def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) ->
     has_cls = bool(monitor.has_cls)
     args.out.mkdir(parents=True, exist_ok=True)
     out(f"regkern inspect: {args.model} at {size}px on {device}, {len(files)} files; weights: {weights}")
+    if monitor.num_prefix and not monitor.has_attention_maps(-1):
+        last = monitor.attentions[-1]
+        out(f"no attention maps: {type(last).__name__} cannot report them ({last.limits_reason})")
     written: list[Path] = []
     seen = 0
     skipped: list[Path] = []
@@ -209,7 +212,7 @@ def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) ->
         with torch.inference_mode():
             model(x.to(device=device, dtype=dtype))
         norm_maps = monitor.norm_maps(-1)
-        attention = monitor.attention_maps(-1) if monitor.num_prefix else None
+        attention = monitor.attention_maps(-1) if monitor.has_attention_maps(-1) else None
         for i, name in enumerate(names):
             stem = f"{seen:04d}_{name.stem}"
             path = args.out / f"norm_map_{stem}.png"

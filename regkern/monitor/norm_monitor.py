@@ -457,12 +457,21 @@ class NormMonitor:
         patches = self.last_patch_norms[layer]
         return patches.reshape(patches.shape[0], *self._grid(patches.shape[1]))
 
+    def has_attention_maps(self, layer: int = -1) -> bool:
+        """Whether ``attention_maps(layer)`` is collected: maps requested, the model has prefix tokens, and the layer's
+        attention can report them (differential attention cannot)."""
+        layer = range(len(self.blocks))[layer]
+        return "prefix_rows" in self.attention_stats and self.attentions[layer].supports_statistics
+
     def attention_maps(self, layer: int = -1) -> torch.Tensor:
         """The last batch's attention of the prefix queries (CLS, registers) over the patch tokens of ``layer``,
         reshaped to the patch grid: (B, H, P, grid_h, grid_w) float32."""
         if "prefix_rows" not in self.attention_stats:
             raise ValueError("attention_maps: not collected (attention_maps=False, or the model has no prefix tokens)")
         layer = range(len(self.blocks))[layer]
+        attention = self.attentions[layer]
+        if not attention.supports_statistics:
+            raise ValueError(f"layer: {type(attention).__name__} has no attention maps ({attention.limits_reason})")
         if layer not in self.last_prefix_rows:
             raise ValueError(f"layer: no attention rows recorded for layer {layer} yet (run a forward while enabled)")
         rows = self.last_prefix_rows[layer]

@@ -94,8 +94,9 @@ class RegisterAttentionBase(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.attn_dim = attn.num_heads * attn.head_dim
+        # timm 1.0.20's EvaAttention does not store head_dim: the output projection reads the heads' concatenation
+        self.head_dim = getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads
+        self.attn_dim = attn.num_heads * self.head_dim
         self.scale = attn.scale
         self.fused_attn = True
         for name in projections + ("q_norm", "k_norm", "attn_drop", "norm"):

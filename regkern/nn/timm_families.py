@@ -92,12 +92,24 @@ class _AdoptsTimm(RegisterAttentionBase):
                 setattr(self, name, getattr(module, name, None))
         for name in self.copied:
             setattr(self, name, getattr(module, name))
+        self._derive_attributes(module)
         self.fused_attn = True
         self.train(module.training)
         if num_prefix_tokens is None:
             num_prefix_tokens = int(getattr(module, "num_prefix_tokens", 0) or 0)
-        p = next(module.parameters())
+        p = self._reference_param()
         self._setup_registers_and_backend(num_kv_registers, num_prefix_tokens, backend, device=p.device, dtype=p.dtype)
+
+    def _derive_attributes(self, module: nn.Module) -> None:
+        """Attributes older timm versions do not store, derived from the adopted modules."""
+
+    def _reference_param(self) -> torch.Tensor:
+        # the input projection's weight: the lambda parameters of differential attention are float32 in any model
+        for name in ("qkv", "q_proj", "in_proj"):
+            projection = getattr(self, name, None)
+            if projection is not None:
+                return projection.weight
+        return super()._reference_param()
 
     def _dropout_p(self) -> float:
         return self.attn_drop.p if self.training else 0.0
@@ -127,7 +139,17 @@ class RegisterRopeAttention(_AdoptsTimm):
         "proj",
         "proj_drop",
     )
-    copied = ("num_heads", "num_kv_heads", "num_kv_groups", "head_dim", "attn_dim", "kv_dim", "scale", "rotate_half")
+    copied = ("num_heads", "scale")
+
+    def _derive_attributes(self, module: nn.Module) -> None:
+        # older timm (1.0.20) stores neither the head dims nor the K/V head count: read them off the projections
+        source = self.qkv if self.qkv is not None else self.q_proj
+        self.attn_dim = source.out_features // (3 if self.qkv is not None else 1)
+        self.head_dim = self.attn_dim // self.num_heads
+        self.kv_dim = self.attn_dim if self.k_proj is None else self.k_proj.out_features
+        self.num_kv_heads = self.kv_dim // self.head_dim
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
+        self.rotate_half = bool(getattr(module, "rotate_half", False))
 
     def forward(
         self,

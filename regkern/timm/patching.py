@@ -74,13 +74,17 @@ KNOWN_UNSUPPORTED = {
 
 def _looks_like_attention(module: nn.Module) -> bool:
     """A module that computes attention itself: a MultiheadAttention, one named so, or one that owns the attention
-    math (a ``num_heads`` attribute, as timm's parallel blocks); never a block around such a module."""
+    math inline (``num_heads`` and a qkv/in_proj projection, as timm's parallel blocks); never a block around such a
+    module (its attention child is the one to name). Position-bias helpers with a ``num_heads`` are not attention."""
     if isinstance(module, nn.MultiheadAttention):
         return True
-    if any(_looks_like_attention(child) for child in module.children()):
-        return False  # a container: its attention child is the one to name
     name = type(module).__name__.lower()
-    return "attention" in name or "attn" in name or isinstance(getattr(module, "num_heads", None), int)
+    inline = isinstance(getattr(module, "num_heads", None), int) and any(
+        isinstance(getattr(module, proj, None), nn.Linear) for proj in ("qkv", "in_proj", "q_proj")
+    )
+    if not (inline or "attention" in name or "attn" in name):
+        return False
+    return not any(_looks_like_attention(child) for child in module.children())
 
 
 def _describe_class(module: nn.Module) -> str:
@@ -232,6 +236,9 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
             if bname in original._buffers:
                 original._buffers[bname] = buf
         original.train(patched.training)
+        for attr in ("lambda_init", "num_prefix_tokens"):  # plain attributes a patched module may have changed
+            if hasattr(original, attr) and hasattr(patched, attr):
+                setattr(original, attr, getattr(patched, attr))
         if name:
             _set_child(model, name, original)
     return model

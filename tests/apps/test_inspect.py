@@ -210,6 +210,8 @@ def _mode_file(tmp_path, mode: str):
         image, suffix, gray = Image.fromarray(g16), "png", g16 >> 8
     elif mode == "I;16B":
         image, suffix, gray = Image.fromarray(g16.astype(">u2")), "tif", g16 >> 8
+    elif mode == "I16":  # older Pillow opens 16-bit PNGs as "I": the same high byte
+        image, suffix, gray = Image.fromarray(g16.astype(np.int32)), "tif", g16 >> 8
     elif mode == "I":
         data = g16.astype(np.int32) * 3  # beyond 16 bits: scaled by the image's range
         image, suffix = Image.fromarray(data), "tif"
@@ -223,13 +225,13 @@ def _mode_file(tmp_path, mode: str):
     return path, np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I16", "I", "F"])
 def test_to_rgb_scales_16_bit_integer_and_float_images(tmp_path, mode):
     from PIL import Image
 
     path, expected = _mode_file(tmp_path, mode)
     with Image.open(path) as im:
-        assert im.mode == mode  # the file really holds this mode
+        assert im.mode == ("I" if mode == "I16" else mode)  # the file really holds this mode
         rgb = to_rgb(im)
     assert rgb.mode == "RGB"
     got = np.asarray(rgb).astype(int)
@@ -262,3 +264,26 @@ def test_to_rgb_composites_palette_alpha_over_white():
     assert pa.mode == "PA"
     rgb = np.asarray(to_rgb(pa))
     assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [0, 0, 255]
+
+
+def test_inspect_on_differential_attention_writes_norms_and_says_why_there_are_no_attention_maps(
+    tmp_path, image_dir, capsys
+):
+    out_dir = tmp_path / "out"
+    argv = ["inspect", str(image_dir), "--model", "vit_dwee_patch16_reg1_gap_256", "--img-size", "32"]
+    code = cli.main(argv + ["--max-images", "2", "--out", str(out_dir)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "no attention maps: RegisterDiffAttention cannot report them (differential attention" in captured.out
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert "norms.json" in names and any(n.startswith("norm_map_") for n in names)
+    assert not any(n.startswith("attention_") for n in names)
+
+
+def test_demo_attention_map_of_differential_attention_is_refused(tmp_path, capsys):
+    argv = ["demo", "--model", "vit_dwee_patch16_reg1_gap_256", "--img-size", "32", "--batch-size", "1"]
+    assert cli.main(argv + ["--repeats", "1", "--monitor", "--attention-map", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "regkern demo: error: --attention-map: RegisterDiffAttention cannot report attention maps (differential"
+    ), err

@@ -60,7 +60,13 @@ CASES = {  # id -> (timm class, regkern class, constructor kwargs, forward kwarg
         dict(dim=DIM, num_heads=2, dual_lambda=True, qk_norm=True, qkv_bias=True),
         dict,
     ),
-    "parallel-qknorm": (ParallelScalingBlock, RegisterParallelScalingBlock, dict(dim=DIM, num_heads=HEADS), dict),
+    "parallel": (ParallelScalingBlock, RegisterParallelScalingBlock, dict(dim=DIM, num_heads=HEADS), dict),
+    "parallel-qknorm": (
+        ParallelScalingBlock,
+        RegisterParallelScalingBlock,
+        dict(dim=DIM, num_heads=HEADS, qk_norm=True),
+        dict,
+    ),
     "parallel-bias-fusedout": (
         ParallelScalingBlock,
         RegisterParallelScalingBlock,
@@ -174,4 +180,55 @@ def test_parallel_block_runs_qk_norm_in_the_prologue_where_the_backend_can():
     assert "separate PyTorch ops" in ours.prologue_reason
     if triton_kernels.INTERPRETED:
         ours.set_backend("triton")
-        assert ours.prologue_reason.startswith("no q_norm/k_norm") or "inside the attention op" in ours.prologue_reason
+        assert ours.prologue_reason == "q_norm/k_norm (LayerNorm) inside the attention op (its prologue pre-pass)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["rope-split-gqa2-half", "diff-dual-qknorm", "parallel-qknorm", "diffparallel"])
+def test_family_half_precision_error_within_twice_timms(case, dtype):
+    """In bf16/fp16 (torch backend on the CPU) the drop-in's error against a float64 run of timm's module is at most
+    twice timm's own error in that dtype."""
+    ref, ours = pair(case, "torch")
+    kwargs = CASES[case][3]()
+    x = torch.randn(B, N, DIM, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(x.double(), **{k: v.double() for k, v in kwargs.items()})
+        low = {k: v.to(dtype) for k, v in kwargs.items()}
+        timm_error = (copy.deepcopy(ref).to(dtype)(x.to(dtype), **low).double() - exact).abs().max().item()
+        ours_low = copy.deepcopy(ours).to(dtype)
+        assert ours_low.backend_name == "torch"
+        our_error = (ours_low(x.to(dtype), **low).double() - exact).abs().max().item()
+    assert 0 < timm_error and our_error <= 2 * timm_error, (our_error, timm_error)
+
+
+@pytest.mark.parametrize("case", ["rope-fused-qknorm", "diff-vectors", "parallel", "diffparallel"])
+def test_family_dropout_in_train_mode_and_none_in_eval(case):
+    timm_cls, ours_cls, cfg, make_kwargs = CASES[case]
+    torch.manual_seed(0)
+    ref = perturb_(timm_cls(**cfg, attn_drop=0.5), 0)
+    ours = ours_cls.from_timm(copy.deepcopy(ref), backend="torch").train()
+    x, kwargs = torch.randn(B, N, DIM), make_kwargs()
+    with torch.no_grad():
+        first, second = ours(x, **kwargs), ours(x, **kwargs)
+        assert torch.isfinite(first).all() and not torch.allclose(first, second)  # dropout draws masks
+        torch.testing.assert_close(ours.eval()(x, **kwargs), ref.eval()(x, **kwargs), **TOL)
+
+
+def test_older_timm_modules_without_head_dim_attributes_are_adopted():
+    """timm 1.0.20's AttentionRope and EvaAttention store neither head_dim nor the K/V head counts: they are read off
+    the projections (simulated by deleting the attributes newer timm sets)."""
+    from timm.models.eva import EvaAttention
+
+    ref, ours = pair("rope-split-gqa2-half", "torch")
+    old = copy.deepcopy(ref)
+    for name in ("head_dim", "attn_dim", "kv_dim", "num_kv_heads", "num_kv_groups"):
+        delattr(old, name)
+    adopted = RegisterRopeAttention.from_timm(old)
+    assert (adopted.head_dim, adopted.num_kv_heads, adopted.num_kv_groups) == (ours.head_dim, 2, 2)
+    assert adopted.rotate_half
+    x, kwargs = torch.randn(B, N, DIM), CASES["rope-split-gqa2-half"][3]()
+    with torch.no_grad():
+        torch.testing.assert_close(adopted.eval()(x, **kwargs), ref(x, **kwargs), **TOL)
+    eva = EvaAttention(DIM, num_heads=HEADS, attn_head_dim=8, norm_layer=nn.LayerNorm)
+    del eva.head_dim
+    assert regkern.RegisterEvaAttention.from_timm(eva).head_dim == 8

@@ -7,6 +7,7 @@ start from identical weights. Everything is compared with the unpatched timm mod
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -509,3 +510,36 @@ def test_model_without_any_supported_attention_warns_with_the_classes():
     from regkern.timm import patched_modules
 
     assert patched_modules(model) == []
+
+
+@pytest.mark.parametrize(
+    "name, named",
+    [
+        ("vit_base_patch16_rope_mixed_224", None),  # fully patched: its rotary helper (num_heads) is not attention
+        ("vit_relpos_base_patch16_224", "RelPosAttention"),  # not RelPosMlp, the position-bias helper inside it
+        ("maxvit_tiny_tf_224", "AttentionCl"),  # not PartitionAttentionCl, the block around it
+    ],
+)
+def test_the_warning_names_the_attention_left_unpatched_not_its_helpers_or_containers(name, named):
+    from regkern.timm import patched_modules
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_timm(model)
+    messages = [str(w.message) for w in caught if "regkern" in str(w.message)]
+    if named is None:
+        assert not messages and patched_modules(model)
+    else:
+        assert len(messages) == 1 and f".{named} (x" in messages[0], messages
+        assert "Mlp" not in messages[0] and "Partition" not in messages[0]
+
+
+def test_unpatch_carries_back_a_changed_lambda_init():
+    model = build("vit_dwee_patch16_reg1_gap_256")
+    original = model.blocks[0].attn
+    patch_timm(model)
+    model.blocks[0].attn.set_lambda_init(7)
+    unpatch_timm(model)
+    assert model.blocks[0].attn is original and original.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-2.1))
