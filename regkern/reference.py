@@ -370,8 +370,10 @@ def register_attention_backward(
     lse: torch.Tensor,
     *,
     scale: float,
+    key_bias: Optional[torch.Tensor] = None,
 ):
-    """Gradients of ``register_attention`` (no mask, no dropout), recomputing probabilities from the saved LSE.
+    """Gradients of ``register_attention`` (no dropout; a key mask as ``key_bias`` (B, N), the additive bias over
+    the token keys in scaled-score units, -inf = masked), recomputing probabilities from the saved LSE.
 
     Args:
         dout: (B, N, H, d) gradient of out; q, k, v, reg_k, reg_v as in the forward; out (B, N, H, d) and
@@ -391,7 +393,10 @@ def register_attention_backward(
         kf = torch.cat([_to_heads_first(batched_registers(reg_k, B), cdtype), kf], dim=2)
         vf = torch.cat([_to_heads_first(batched_registers(reg_v, B), cdtype), vf], dim=2)
     dof = _to_heads_first(dout, cdtype)
-    p = torch.exp(torch.matmul(qf, kf.transpose(-1, -2)) * scale - lse.to(cdtype).unsqueeze(-1))
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if key_bias is not None:  # registers are never masked
+        scores = scores + F.pad(key_bias.to(cdtype), (R, 0))[:, None, None, :]
+    p = torch.exp(scores - lse.to(cdtype).unsqueeze(-1))
     delta = (dof * _to_heads_first(out, cdtype)).sum(-1, keepdim=True)
     dv_all = torch.matmul(p.transpose(-1, -2), dof)
     ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import DISPATCHER, AttentionRequest, check_attention_inputs, run_attention
+from ..ops.attention import DISPATCHER, AttentionRequest, check_attention_inputs, is_key_mask, run_attention
 from ..ops.dispatch import BackendChoice, device_capability
 from ..reference import apply_rope
 
@@ -160,9 +160,12 @@ class RegisterAttentionBase(nn.Module):
         )
         self._backend_choice = self._resolve(request)
         self._attention_backend = self._backend_choice.backend
-        # calls with an attn_mask use the first backend that supports masks (identical semantics)
+        # calls with an attn_mask use the first backend that supports masks (identical semantics); key masks
+        # (broadcastable to (B, 1, 1, N): padding) are a feature of their own, which the fused kernels have
         self._masked_backend_choice = self._resolve(replace(request, has_mask=True))
         self._masked_attention_backend = self._masked_backend_choice.backend
+        self._key_masked_backend_choice = self._resolve(replace(request, has_mask=True, key_mask=True))
+        self._key_masked_attention_backend = self._key_masked_backend_choice.backend
         self._fuse_prologue, self.prologue_reason = self._prologue_fusion()
 
     def _prologue_fusion(self):
@@ -229,17 +232,27 @@ class RegisterAttentionBase(nn.Module):
 
     @property
     def masked_backend_name(self) -> str:
-        """Name of the backend used for calls that pass an ``attn_mask``."""
+        """Name of the backend used for calls that pass an ``attn_mask`` varying over queries or heads."""
         return self._masked_backend_choice.name
+
+    @property
+    def key_masked_backend_name(self) -> str:
+        """Name of the backend used for calls whose ``attn_mask`` is a key mask (broadcastable to (B, 1, 1, N))."""
+        return self._key_masked_backend_choice.name
 
     def _attend(self, q, k, v, attn_mask, rope=None):
         """q, k, v (B, N, H, d) straight from the projection -> out (B, N, H, d): q_norm/k_norm and RoPE (on tokens
         >= num_prefix_tokens), then register attention; the first two inside the attention op when it can."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         stats = self.monitor_stats if attn_mask is None else ()
-        if attn_mask is None and self._fuse_prologue:
+        key_mask = attn_mask is not None and is_key_mask(attn_mask)  # from the shape: the same path every call
+        if attn_mask is None:
+            backend = self._attention_backend
+        else:
+            backend = self._key_masked_attention_backend if key_mask else self._masked_attention_backend
+        if (attn_mask is None or (key_mask and backend is self._attention_backend)) and self._fuse_prologue:
             check_attention_inputs(
-                q, k, v, self.reg_k, self.reg_v, self.scale, stats, self.num_prefix_tokens, None, dropout_p
+                q, k, v, self.reg_k, self.reg_v, self.scale, stats, self.num_prefix_tokens, attn_mask, dropout_p
             )
             qk_norm = not isinstance(self.q_norm, nn.Identity)
             result = self._attention_backend.attention_with_prologue(
@@ -256,13 +269,13 @@ class RegisterAttentionBase(nn.Module):
                 rope=rope,
                 rotate_half=self.rotate_half,
                 return_stats=stats,
+                attn_mask=attn_mask,
             )
         else:
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q = apply_rope(q, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
                 k = apply_rope(k, rope, self.num_prefix_tokens, rotate_half=self.rotate_half).type_as(v)
-            backend = self._attention_backend if attn_mask is None else self._masked_attention_backend
             result = run_attention(
                 backend,
                 q,

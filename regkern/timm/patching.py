@@ -158,6 +158,7 @@ def patch_attention(
             new.set_expected_seq_len(seq_len)
     if replacements:  # the token embedding: [CLS, registers, patches] + position embeddings in one regkern op
         route_pos_embed(model, backend=_EMBED_BACKENDS.get(backend, None))
+        _use_key_masks(model)
     if unsupported:
         listed = ", ".join(f"{cls} (x{n})" for cls, n in sorted(unsupported.items()))
         warnings.warn(f"regkern: left unsupported attention modules untouched: {listed}", stacklevel=3)
@@ -166,6 +167,20 @@ def patch_attention(
 
 #: the token embedding's backend for an attention backend named in patch_timm (None / "auto": auto)
 _EMBED_BACKENDS = {"triton": "triton", "cuda": "cuda", "torch": "reference", "reference": "reference"}
+
+
+#: set on a NaFlex model whose padding mask patch_timm turned into a key mask (read by regkern.explain)
+NAFLEX_KEY_MASK = "_regkern_naflex_key_mask"
+
+
+def _use_key_masks(model: nn.Module) -> None:
+    """NaFlex ViTs mask padding tokens with a (B, 1, N, N) mask (query and key valid); as a key mask (B, 1, 1, N)
+    (timm's ``use_key_only_attn_mask``) it runs on the fused kernels. The valid tokens' outputs, the pooled output and
+    every gradient stay timm's: padding keys are masked either way, and only the padding tokens' own rows, which
+    nothing valid reads, attend the valid keys instead of averaging all values."""
+    if getattr(model, "use_key_only_attn_mask", True) is False:
+        model.use_key_only_attn_mask = True
+        object.__setattr__(model, NAFLEX_KEY_MASK, True)  # plain attribute: unpatch_timm restores timm's mask
 
 
 def _fixed_seq_len(model: nn.Module, num_prefix: int) -> Optional[int]:
@@ -223,6 +238,8 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     if monitor is not None:
         monitor.remove()
     restore_pos_embed(model)
+    if model.__dict__.pop(NAFLEX_KEY_MASK, False):
+        model.use_key_only_attn_mask = False
     restores = []
     for name, module in model.named_modules():
         original = getattr(module, _ORIGINAL, None) if isinstance(module, RegisterAttentionBase) else None

@@ -239,7 +239,7 @@ def test_opcheck_attention(ext):
     q, k, v = packed_qkv(2, 9, 2, 16)
     reg_k, reg_v = registers(2, 3, 2, 16, shared=True)
     args = [t.clone().requires_grad_() for t in (q, k, v, reg_k, reg_v)]
-    op_args = (*args, None, None, None, None, None, 0.25, 1, False, 0.0, False, True, False, False, False, "cuda")
+    op_args = (*args, None, None, None, None, None, None, 0.25, 1, False, 0.0, False, True, False, False, False, "cuda")
     torch.library.opcheck(attention_fwd, op_args)
     raw = [t.detach() for t in args]
     torch.library.opcheck(

@@ -15,6 +15,8 @@ from .backends import (
     AttentionBackend,
     AttentionRequest,
     get_backend,
+    is_key_mask,
+    key_bias_from_mask,
     resolve_backend,
 )
 from .function import check_attention_inputs, register_attention, run_attention
@@ -24,6 +26,8 @@ __all__ = [
     "register_attention",
     "run_attention",
     "check_attention_inputs",
+    "is_key_mask",
+    "key_bias_from_mask",
     "attention_fwd",
     "attention_bwd",
     "AttentionRequest",

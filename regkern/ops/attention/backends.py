@@ -40,9 +40,31 @@ __all__ = [
     "get_backend",
     "resolve_backend",
     "requested_backend_name",
+    "is_key_mask",
+    "key_bias_from_mask",
 ]
 
 ENV_VAR = "REGKERN_BACKEND"
+
+
+def is_key_mask(attn_mask: torch.Tensor) -> bool:
+    """Whether an SDPA-style mask (broadcastable to (B, H, N, N)) depends on the batch and the key only, i.e. is
+    broadcastable to (B, 1, 1, N): decided from its shape (no data read)."""
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    return shape[1] == 1 and shape[2] == 1
+
+
+def key_bias_from_mask(attn_mask: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    """A key mask (``is_key_mask``) as the (B, N) float32 additive bias over the token keys that the fused kernels
+    take: 0 / -inf for a boolean mask (True = attend), the values of an additive one."""
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
+    else:
+        bias = attn_mask.float()
+    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    return bias.reshape(shape[0], shape[3]).expand(B, N).contiguous()
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,8 @@ class AttentionRequest:
     capability: Optional[tuple[int, int]] = None
     #: sequence length N when known (functional calls; modules of patched models with a fixed image size)
     seq_len: Optional[int] = None
+    #: the mask depends on the batch and the key only (broadcastable to (B, 1, 1, N)): a key mask
+    key_mask: bool = False
 
     @classmethod
     def from_tensors(cls, q: torch.Tensor, stats=(), attn_mask=None, dropout_p: float = 0.0) -> AttentionRequest:
@@ -71,6 +95,7 @@ class AttentionRequest:
             dropout_p > 0,
             device_capability(q.device),
             q.shape[1],
+            attn_mask is not None and is_key_mask(attn_mask),
         )
 
     def describe(self) -> str:
@@ -261,15 +286,21 @@ class TritonBackend(AttentionBackend):
             reasons.append(f"dtype {request.dtype} is not supported (float16, bfloat16, float32)")
         if request.head_dim > self.max_head_dim:
             reasons.append(f"head_dim {request.head_dim} > {self.max_head_dim}")
-        if request.has_mask:
-            reasons.append("attn_mask is not supported by the fused kernel")
+        if request.has_mask and not request.key_mask:
+            reasons.append(
+                "attn_mask varies over queries or heads; the fused kernel takes key masks only (broadcastable to "
+                "(B, 1, 1, N))"
+            )
         if request.dropout:
             reasons.append("attention dropout is not supported by the fused kernel")
         return reasons
 
     @staticmethod
-    def _run(q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, return_stats):
+    def _run(
+        q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, return_stats, mask=None
+    ):
         flags = tuple(name in return_stats for name in op.OP_STATS)
+        key_bias = None if mask is None else key_bias_from_mask(mask, q.shape[0], q.shape[1])
         out, lse, *stats = op.attention_fwd(
             q,
             k,
@@ -278,6 +309,7 @@ class TritonBackend(AttentionBackend):
             reg_v,
             *norms,
             rope,
+            key_bias,
             scale,
             num_prefix,
             qk_norm,
@@ -289,20 +321,62 @@ class TritonBackend(AttentionBackend):
         return _stats_from_op(return_stats, out, lse, *stats)
 
     def attention_with_prologue(
-        self, q, k, v, reg_k, reg_v, *, scale, num_prefix, q_norm, k_norm, norm_eps, rope, rotate_half, return_stats=()
+        self,
+        q,
+        k,
+        v,
+        reg_k,
+        reg_v,
+        *,
+        scale,
+        num_prefix,
+        q_norm,
+        k_norm,
+        norm_eps,
+        rope,
+        rotate_half,
+        return_stats=(),
+        attn_mask=None,
     ):
         """Attention over ``reference.qk_prologue``-transformed q and k, the prologue inside the op (a pre-pass kernel).
 
-        q_norm, k_norm: (weight, bias) pairs (either may be None) or None when qk_norm is off."""
+        q_norm, k_norm: (weight, bias) pairs (either may be None) or None when qk_norm is off. attn_mask: a key mask
+        (``is_key_mask``) or None."""
         qk_norm = q_norm is not None
         norms = (*q_norm, *k_norm) if qk_norm else (None,) * 4
         return self._run(
-            q, k, v, reg_k, reg_v, norms, rope, scale, num_prefix, qk_norm, norm_eps, rotate_half, tuple(return_stats)
+            q,
+            k,
+            v,
+            reg_k,
+            reg_v,
+            norms,
+            rope,
+            scale,
+            num_prefix,
+            qk_norm,
+            norm_eps,
+            rotate_half,
+            tuple(return_stats),
+            attn_mask,
         )
 
     def attention(self, q, k, v, reg_k, reg_v, *, scale, return_stats, num_prefix, attn_mask, dropout_p):
         return self._run(
-            q, k, v, reg_k, reg_v, (None,) * 4, None, scale, num_prefix, False, 0.0, False, tuple(return_stats)
+            q,
+            k,
+            v,
+            reg_k,
+            reg_v,
+            (None,) * 4,
+            None,
+            scale,
+            num_prefix,
+            False,
+            0.0,
+            False,
+            tuple(return_stats),
+            attn_mask,
         )
 
 
@@ -358,6 +432,7 @@ class CudaBackend(AttentionBackend):
             v,
             reg_k,
             reg_v,
+            None,
             None,
             None,
             None,

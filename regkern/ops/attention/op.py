@@ -1,7 +1,7 @@
 """torch.library ops of fused register attention, with fake (meta) implementations and registered autograd.
 
     regkern::attention_fwd(q, k, v, reg_k?, reg_v?, q_norm_weight?, q_norm_bias?, k_norm_weight?, k_norm_bias?,
-                           rope?, scale, num_prefix, qk_norm, norm_eps, rotate_half,
+                           rope?, key_bias?, scale, num_prefix, qk_norm, norm_eps, rotate_half,
                            stat_out_norm, stat_prefix_rows, stat_received, stat_received_groups, impl)
         -> (out, lse, out_norm, prefix_rows, received, received_groups)
     regkern::attention_bwd(dout, <the forward's tensors>, out, lse, scale, num_prefix, qk_norm, norm_eps,
@@ -9,6 +9,8 @@
         -> (dq, dk, dv, dreg_k, dreg_v, dq_norm_weight, dq_norm_bias, dk_norm_weight, dk_norm_bias)
 
 Optional gradients come back as empty (0,) tensors when their input is absent (ops cannot return None).
+``key_bias`` (B, N) float32 is a key mask as an additive bias over the token keys in scaled-score units (-inf =
+masked; registers never masked; ``backends.key_bias_from_mask``); it gets no gradient.
 
 The prologue (timm's ``qk_norm`` LayerNorm over d, then RoPE on tokens >= num_prefix; ``reference.qk_prologue``)
 runs in Triton as a pre-pass kernel, once per token, before the attention passes. The backward recomputes the
@@ -70,6 +72,7 @@ def attention_fwd(
     k_norm_weight: Optional[Tensor],
     k_norm_bias: Optional[Tensor],
     rope: Optional[Tensor],
+    key_bias: Optional[Tensor],
     scale: float,
     num_prefix: int,
     qk_norm: bool,
@@ -88,10 +91,17 @@ def attention_fwd(
     flags = (stat_out_norm, stat_prefix_rows, stat_received, stat_received_groups)
     wanted = tuple(name for name, on in zip(OP_STATS, flags) if on)
     if impl == "cuda":
-        if qk_norm or rope is not None or stat_prefix_rows or stat_received or stat_received_groups:
+        if (
+            qk_norm
+            or rope is not None
+            or stat_prefix_rows
+            or stat_received
+            or stat_received_groups
+            or key_bias is not None
+        ):
             raise ValueError(
-                "impl: 'cuda' runs neither the qk_norm/RoPE prologue nor the prefix_rows/received/received_groups "
-                "statistics (use impl 'triton')"
+                "impl: 'cuda' runs neither the qk_norm/RoPE prologue, key masks nor the prefix_rows/received/"
+                "received_groups statistics (use impl 'triton')"
             )
         out, lse, out_norm = cuda.attention_forward(q, k, v, reg_k, reg_v, scale, num_prefix, stat_out_norm)
         stats = {"out_norm": out_norm}
@@ -113,13 +123,22 @@ def attention_fwd(
             rope=rope,
             rotate_half=rotate_half,
             stats=wanted,
+            key_bias=key_bias,
         )
         out, lse, stats = result if wanted else (*result, {})
     else:
         q = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
         k = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
         out, stats = reference.register_attention(
-            q, k, v, reg_k, reg_v, scale=scale, return_stats=("lse",) + wanted, num_prefix=num_prefix
+            q,
+            k,
+            v,
+            reg_k,
+            reg_v,
+            scale=scale,
+            return_stats=("lse",) + wanted,
+            num_prefix=num_prefix,
+            attn_mask=None if key_bias is None else key_bias[:, None, None, :],
         )
         lse = stats["lse"]
     return (out, lse, *(stats[name] if name in wanted else q.new_empty((0,), dtype=torch.float32) for name in OP_STATS))
@@ -141,6 +160,7 @@ def _attention_fwd_fake(
     knw,
     knb,
     rope,
+    key_bias,
     scale,
     num_prefix,
     qk_norm,
@@ -181,6 +201,7 @@ def attention_bwd(
     k_norm_weight: Optional[Tensor],
     k_norm_bias: Optional[Tensor],
     rope: Optional[Tensor],
+    key_bias: Optional[Tensor],
     out: Tensor,
     lse: Tensor,
     scale: float,
@@ -212,9 +233,13 @@ def attention_bwd(
         qp = reference.qk_prologue(q, q_norm_weight, q_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
         kp = reference.qk_prologue(k, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, num_prefix, rotate_half)
     if impl == "triton" or (impl == "cuda" and q.is_cuda):  # the cuda implementation's backward is Triton's
-        grads = triton_kernels().attention_backward(dout, qp, kp, v, reg_k, reg_v, out, lse, scale, num_prefix)
+        grads = triton_kernels().attention_backward(
+            dout, qp, kp, v, reg_k, reg_v, out, lse, scale, num_prefix, key_bias=key_bias
+        )
     else:
-        grads = reference.register_attention_backward(dout, qp, kp, v, reg_k, reg_v, out, lse, scale=scale)
+        grads = reference.register_attention_backward(
+            dout, qp, kp, v, reg_k, reg_v, out, lse, scale=scale, key_bias=key_bias
+        )
     dq, dk, dv, drk, drv = grads
     dqw = dqb = dkw = dkb = None
     if prologue:
@@ -241,6 +266,7 @@ def _attention_bwd_fake(
     knw,
     knb,
     rope,
+    key_bias,
     out,
     lse,
     scale,
@@ -266,7 +292,7 @@ def _attention_bwd_fake(
     )
 
 
-_TENSOR_INPUTS = 10  # q, k, v, reg_k, reg_v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, rope
+_TENSOR_INPUTS = 11  # q, k, v, reg_k, reg_v, q/k norm weights and biases, rope, key_bias
 
 
 _BWD_SCALARS = 5  # scale, num_prefix, qk_norm, norm_eps, rotate_half (then the stat flags, then impl)
@@ -285,9 +311,9 @@ def _backward(ctx, dout, *_stat_grads):
     tensors, out, lse = saved[:_TENSOR_INPUTS], saved[_TENSOR_INPUTS], saved[_TENSOR_INPUTS + 1]
     scalars = ctx.scalars[:_BWD_SCALARS] + ctx.scalars[-1:]
     grads = attention_bwd(dout, *tensors, out, lse, *scalars)
-    # optional inputs that were None get None; rope gets no gradient (a fixed table)
+    # optional inputs that were None get None; rope (a fixed table) and key_bias (a mask) get no gradient
     result = [None if t is None else g for t, g in zip(tensors[:9], grads)]
-    return (*result, None) + (None,) * len(ctx.scalars)
+    return (*result, None, None) + (None,) * len(ctx.scalars)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -221,12 +221,24 @@ def _load_tile(ptrs, row_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
-def _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+def _key_bias(key_bias_b, offs, ok, MASK: tl.constexpr):
+    # [BLOCK] the key-mask bias of token keys `offs` of one batch row (0 where not ok, when MASK)
+    if MASK:
+        return tl.load(key_bias_b + offs, mask=ok, other=0.0)
+    return tl.load(key_bias_b + offs)
+
+
+@triton.jit
+def _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION: tl.constexpr, MASKED_ROWS: tl.constexpr):
     # s: [BLOCK_M, BLOCK_*] raw scores, masked columns -inf. The scale rides in the exp2 argument (one FFMA per
-    # score) and the max is taken before scaling (qk_scale_log2 > 0)
+    # score) and the max is taken before scaling (qk_scale_log2 > 0). MASKED_ROWS (key masks): a row may have seen
+    # only masked keys so far (max -inf); it then subtracts 0, so that exp2 gives 0 rather than NaN
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale_log2)
-    p = tl.exp2(s * qk_scale_log2 - m_new[:, None])  # [BLOCK_M, BLOCK_*]
-    alpha = tl.exp2(m_i - m_new)
+    m_sub = m_new
+    if MASKED_ROWS:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * qk_scale_log2 - m_sub[:, None])  # [BLOCK_M, BLOCK_*]
+    alpha = tl.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -254,12 +266,14 @@ def _fwd_patch_tile(
     pid_bh,
     offs_m,
     prefix_ok,
+    key_bias_b,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STAT_PREFIX: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     # one BLOCK_N tile of patch keys from `start`; MASK only for the ragged last tile
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -281,11 +295,13 @@ def _fwd_patch_tile(
         MASK,
     )
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_KEY_BIAS:  # the key mask, in raw-score units (-inf: masked)
+        s += _key_bias(key_bias_b, offs_n, n_mask, MASK)[None, :]
     if MASK:
         s = tl.where(n_mask[None, :], s, float("-inf"))
     if STAT_PREFIX:
         _store_prefix_scores(PREFIX_S, pid_bh, offs_m, R + offs_n, s * qk_scale_log2, P, R + N, prefix_ok, n_mask)
-    return _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION)
+    return _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION, HAS_KEY_BIAS)
 
 
 @triton.jit
@@ -299,6 +315,7 @@ def attn_fwd_kernel(
     LSE,
     OUT_SQ,
     PREFIX_S,
+    KEY_BIAS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -331,7 +348,9 @@ def attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STAT_OUT_SQ: tl.constexpr,
     STAT_PREFIX: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
+    # KEY_BIAS (B, N) float32: a key mask in raw-score units (bias / scale; -inf = masked), registers never masked.
     # This launch covers `tiles` query tiles from row first_row. The prefix queries, which record their attention
     # rows (STAT_PREFIX), get a small launch of their own, so that the other tiles carry none of that code.
     pid_m, pid_bh, b, h = _program_coords(tiles, H)
@@ -379,12 +398,14 @@ def attn_fwd_kernel(
             P,
         )
         s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_S]
+        if HAS_KEY_BIAS:  # the prefix tokens of the small segment can be masked, its registers cannot
+            s_small += _key_bias(KEY_BIAS + b * N, offs_s - R, (offs_s >= R) & small_ok, True)[None, :]
         s_small = tl.where(small_ok[None, :], s_small, float("-inf"))
         if STAT_PREFIX:
             _store_prefix_scores(
                 PREFIX_S, pid_bh, offs_m, offs_s, s_small * qk_scale_log2, P, R + N, prefix_ok, small_ok
             )
-        m_i, l_i, acc = _softmax_update(s_small, m_i, l_i, acc, vs, qk_scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = _softmax_update(s_small, m_i, l_i, acc, vs, qk_scale_log2, DOT_PRECISION, HAS_KEY_BIAS)
 
     # patch keys: whole tiles unmasked, then the ragged last tile (HAS_TAIL) masked
     kv_rows = tl.arange(0, BLOCK_N)
@@ -394,14 +415,14 @@ def attn_fwd_kernel(
     for start in range(P, end_full, BLOCK_N):
         m_i, l_i, acc = _fwd_patch_tile(
             q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, start, N, R, P, stride_kn, stride_vn, offs_d,
-            qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, STAT_PREFIX,
+            qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok, KEY_BIAS + b * N,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, STAT_PREFIX, HAS_KEY_BIAS,
         )  # fmt: skip
     if HAS_TAIL:
         m_i, l_i, acc = _fwd_patch_tile(
             q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, end_full, N, R, P, stride_kn, stride_vn, offs_d,
-            qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok,
-            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, STAT_PREFIX,
+            qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok, KEY_BIAS + b * N,
+            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, STAT_PREFIX, HAS_KEY_BIAS,
         )  # fmt: skip
 
     acc = acc * (1.0 / l_i)[:, None]
@@ -439,11 +460,13 @@ def _received_query_tile(
     offs_d,
     LSE_BH,
     qk_scale_log2,
+    key_bias,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     # the probabilities of ROWS queries from `start` on this program's keys, summed over the queries; the ragged
     # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets
@@ -457,6 +480,8 @@ def _received_query_tile(
         q = _load_tile(q_ptrs, m_mask, offs_d, HEAD_DIM, BLOCK_D, False)
         lse2 = tl.load(LSE_BH + offs_m) * 1.4426950408889634
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
+    if HAS_KEY_BIAS:
+        st += key_bias[:, None]
     return colsum + tl.sum(tl.exp2(st * qk_scale_log2 - lse2[None, :]), axis=1)
 
 
@@ -468,6 +493,7 @@ def attn_received_kernel(
     LSE,
     RECEIVED,
     GROUPS,
+    KEY_BIAS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -492,6 +518,7 @@ def attn_received_kernel(
     DOT_PRECISION: tl.constexpr,
     STORE_KEYS: tl.constexpr,
     REDUCE_GROUPS: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
     # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
@@ -520,19 +547,25 @@ def attn_received_kernel(
         cols = R + offs_j
         k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
     colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
+    key_bias = colsum  # [BLOCK_KEYS] the key mask of this program's keys (registers never masked)
+    if HAS_KEY_BIAS:
+        if SMALL_SEGMENT:
+            key_bias = _key_bias(KEY_BIAS + b * N, offs_j - R, (offs_j >= R) & valid, True)
+        else:
+            key_bias = _key_bias(KEY_BIAS + b * N, offs_j, valid, True)
     q_base = Q + b * stride_qb + h * stride_qh
     q_offs = _tile_offsets(tl.arange(0, BLOCK_M), stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
     lse_bh = LSE + pid_bh * N
     end_full = (N // BLOCK_M) * BLOCK_M
     for start in range(0, end_full, BLOCK_M):
         colsum = _received_query_tile(
-            k, colsum, q_base, q_offs, start, N, stride_qn, offs_d, lse_bh, qk_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_D,
-            False, DOT_PRECISION,
+            k, colsum, q_base, q_offs, start, N, stride_qn, offs_d, lse_bh, qk_scale_log2, key_bias, HEAD_DIM, BLOCK_M,
+            BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
     if HAS_TAIL:
         colsum = _received_query_tile(
-            k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse_bh, qk_scale_log2, HEAD_DIM, TAIL_ROWS,
-            BLOCK_D, True, DOT_PRECISION,
+            k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse_bh, qk_scale_log2, key_bias, HEAD_DIM,
+            TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
     if STORE_KEYS:
         tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
@@ -565,11 +598,13 @@ def _dkdv_query_tile(
     stride_don,
     offs_d,
     qk_scale_log2,
+    key_bias,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     # the contribution of ROWS queries from `start` to this program's dK, dV (scores transposed: keys x queries).
     # Whole tiles use the hoisted offsets; the ragged last tile (MASK) is ROWS = the tail rounded up to a power of 2
@@ -588,6 +623,8 @@ def _dkdv_query_tile(
         lse2 = tl.load(lse_bh + offs_m) * 1.4426950408889634
         delta = tl.load(delta_bh + offs_m)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
+    if HAS_KEY_BIAS:
+        st += key_bias[:, None]
     pt = tl.exp2(st * qk_scale_log2 - lse2[None, :])
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
@@ -606,6 +643,7 @@ def attn_bwd_dkdv_kernel(
     DELTA,
     DK,
     DV,
+    KEY_BIAS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -630,6 +668,7 @@ def attn_bwd_dkdv_kernel(
     HAS_TAIL: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     # One program owns BLOCK_KEYS patch keys from P and loops over all queries. (The small segment's key gradients
     # come from attn_bwd_dq_kernel, which has its probabilities at hand.)
@@ -641,6 +680,9 @@ def attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)  # [BLOCK_KEYS, BLOCK_D]
     dv = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
+    key_bias = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
+    if HAS_KEY_BIAS:
+        key_bias = _key_bias(KEY_BIAS + b * N, offs_j, valid, True)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     rows = tl.arange(0, BLOCK_M)
@@ -653,12 +695,12 @@ def attn_bwd_dkdv_kernel(
     for start in range(0, end_full, BLOCK_M):
         dk, dv = _dkdv_query_tile(
             k, v, dk, dv, q_base, do_base, q_offs, do_offs, lse_bh, delta_bh, start, N, stride_qn, stride_don, offs_d,
-            qk_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION,
+            qk_scale_log2, key_bias, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
     if HAS_TAIL:
         dk, dv = _dkdv_query_tile(
             k, v, dk, dv, q_base, do_base, q_offs, do_offs, lse_bh, delta_bh, end_full, N, stride_qn, stride_don,
-            offs_d, qk_scale_log2, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION,
+            offs_d, qk_scale_log2, key_bias, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
     dk = dk * scale
     # dk, dv are contiguous (B, N, H, d)
@@ -685,11 +727,13 @@ def _dq_key_tile(
     stride_vn,
     offs_d,
     qk_scale_log2,
+    key_bias_b,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     # the contribution of BLOCK_N patch keys from `start` to this program's dQ; MASK only for the ragged last tile
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -711,6 +755,8 @@ def _dq_key_tile(
         MASK,
     )
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_KEY_BIAS:
+        s += _key_bias(key_bias_b, offs_n, n_mask, MASK)[None, :]
     p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
     if MASK:
         p = tl.where(n_mask[None, :], p, 0.0)
@@ -731,6 +777,7 @@ def attn_bwd_dq_kernel(
     DELTA,
     DQ,
     SMALL_GRAD,
+    KEY_BIAS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -763,6 +810,7 @@ def attn_bwd_dq_kernel(
     HAS_SMALL: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
 ):
     pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -786,6 +834,9 @@ def attn_bwd_dq_kernel(
             V, RV, v_base, b * stride_rvb + h * stride_rvh, stride_vn, stride_rvr, offs_s, offs_d, d_mask, R, P
         )
         s_small = tl.dot(q, tl.trans(ks), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_S]
+        if HAS_KEY_BIAS:
+            prefix_key = (offs_s >= R) & (offs_s < R + P)
+            s_small += _key_bias(KEY_BIAS + b * N, offs_s - R, prefix_key, True)[None, :]
         p_small = tl.where((offs_s < R + P)[None, :], tl.exp2(s_small * qk_scale_log2 - lse2[:, None]), 0.0)
         dp_small = tl.dot(do, tl.trans(vs), input_precision=DOT_PRECISION)
         ds_small = p_small * (dp_small - delta[:, None])
@@ -806,12 +857,12 @@ def attn_bwd_dq_kernel(
     for start in range(P, end_full, BLOCK_N):
         dq = _dq_key_tile(
             q, do, lse2, delta, dq, K + k_base, V + v_base, kv_offs_k, kv_offs_v, start, N, stride_kn, stride_vn,
-            offs_d, qk_scale_log2, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION,
+            offs_d, qk_scale_log2, KEY_BIAS + b * N, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
     if HAS_TAIL:
         dq = _dq_key_tile(
             q, do, lse2, delta, dq, K + k_base, V + v_base, kv_offs_k, kv_offs_v, end_full, N, stride_kn, stride_vn,
-            offs_d, qk_scale_log2, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION,
+            offs_d, qk_scale_log2, KEY_BIAS + b * N, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
 
     dq = dq * scale
@@ -865,6 +916,19 @@ def _registers_view(reg: Optional[torch.Tensor], like: torch.Tensor) -> tuple[to
 def _last_dim_unit_stride(t: torch.Tensor) -> torch.Tensor:
     # the kernels need stride(-1) == 1; qkv views already have it
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _raw_key_bias(key_bias: Optional[torch.Tensor], B: int, N: int, scale: float, dummy: torch.Tensor) -> torch.Tensor:
+    """The kernels' KEY_BIAS: ``key_bias`` (B, N) in scaled-score units divided by the scale (they add it to the raw
+    scores), float32 contiguous; ``dummy`` when there is none (the kernels then never read it)."""
+    if key_bias is None:
+        return dummy
+    if key_bias.shape != (B, N) or key_bias.dtype != torch.float32 or key_bias.device != dummy.device:
+        raise ValueError(
+            f"key_bias: expected a float32 (B, N) = ({B}, {N}) tensor on {dummy.device}, got "
+            f"{key_bias.dtype} {tuple(key_bias.shape)} on {key_bias.device}"
+        )
+    return (key_bias / scale).contiguous()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -980,6 +1044,7 @@ def attention_forward(
     rope: Optional[torch.Tensor] = None,
     rotate_half: bool = False,
     stats: tuple[str, ...] = (),
+    key_bias: Optional[torch.Tensor] = None,
 ):
     """Launch the forward kernel. Returns out (B, N, H, d) contiguous and lse (B, H, N) float32, written into the
     given buffers when passed (tests pre-fill them with NaN so unwritten elements show).
@@ -991,7 +1056,11 @@ def attention_forward(
     ``stats``: any of "out_norm", "prefix_rows", "received", "received_groups" (see ``reference.AttentionStats``);
     then the call returns ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue
     (per-head squared norms, the prefix queries' scores normalised with the final lse); received and received_groups
-    take a second pass over the keys (received_groups reduced per key group in it, atomics into a (B, H, 4) buffer)."""
+    take a second pass over the keys (received_groups reduced per key group in it, atomics into a (B, H, 4) buffer).
+
+    ``key_bias``: a key mask as an additive bias (B, N) float32 over the token keys, in the units of the scaled scores
+    (as SDPA's; -inf = masked; registers are never masked). A row whose keys are all masked attends to the registers
+    only; with no registers it is NaN (out) and -inf (lse), as in the reference."""
     q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
     B, N, H, d = q.shape
     R = 0 if reg_k is None else reg_k.shape[-3]
@@ -1003,6 +1072,7 @@ def attention_forward(
     want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
     out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
     prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
+    key_bias_raw = _raw_key_bias(key_bias, B, N, scale, lse)
     if qk_norm or rope is not None:  # once per token; the attention passes then load plain q', k' tiles
         q, k = qk_prologue(
             q, k, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, P, rotate_half
@@ -1018,6 +1088,7 @@ def attention_forward(
         lse,
         out_sq,
         prefix_s,
+        key_bias_raw,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -1047,6 +1118,7 @@ def attention_forward(
             DOT_PRECISION=_dot_precision(q.dtype),
             STAT_OUT_SQ=want_norm,
             STAT_PREFIX=record,
+            HAS_KEY_BIAS=key_bias is not None,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -1085,6 +1157,7 @@ def attention_forward(
             lse,
             received,
             groups,
+            key_bias_raw,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -1108,6 +1181,7 @@ def attention_forward(
             DOT_PRECISION=_dot_precision(q.dtype),
             STORE_KEYS=store_keys,
             REDUCE_GROUPS=reduce_groups,
+            HAS_KEY_BIAS=key_bias is not None,
             num_warps=rcfg.num_warps,
             num_stages=rcfg.num_stages,
         )
@@ -1136,10 +1210,12 @@ def attention_backward(
     scale: float,
     num_prefix: int,
     grad_buffers: Optional[tuple[torch.Tensor, ...]] = None,
+    key_bias: Optional[torch.Tensor] = None,
 ):
     """Launch the backward kernels. Returns dq, dk, dv (B, N, H, d) contiguous and dreg_k, dreg_v (the shape of
     reg_k, summed over the batch when shared) or None. ``grad_buffers``: optional (dq, dk, dv, drk, drv) to write
-    into, drk/drv float32 (B, max(R, 1), H, d) (tests pre-fill them with NaN)."""
+    into, drk/drv float32 (B, max(R, 1), H, d) (tests pre-fill them with NaN). ``key_bias``: the forward's key mask
+    (``attention_forward``); it gets no gradient."""
     q, k, v, dout = (_last_dim_unit_stride(t) for t in (q, k, v, dout))
     B, N, H, d = q.shape
     R = 0 if reg_k is None else reg_k.shape[-3]
@@ -1155,10 +1231,11 @@ def attention_backward(
         drv = torch.empty_like(drk)
     else:
         dq, dk, dv, drk, drv = grad_buffers
+    key_bias_raw = _raw_key_bias(key_bias, B, N, scale, delta)
     kv_cfg, q_cfg = _config("backward_dkdv", q), _config("backward_dq", q)
     BLOCK_D = _pow2_at_least(d)
     BLOCK_S = _pow2_at_least(R + P)
-    common = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), HAS_KEY_BIAS=key_bias is not None)
     q_strides = (q.stride(0), q.stride(1), q.stride(2))
     k_strides = (k.stride(0), k.stride(1), k.stride(2))
     v_strides = (v.stride(0), v.stride(1), v.stride(2))
@@ -1173,6 +1250,7 @@ def attention_backward(
             delta,
             dk,
             dv,
+            key_bias_raw,
             *q_strides,
             *k_strides,
             *v_strides,
@@ -1208,6 +1286,7 @@ def attention_backward(
         delta,
         dq,
         small_grad,
+        key_bias_raw,
         *q_strides,
         *k_strides,
         *v_strides,

@@ -152,7 +152,7 @@ def test_lse_statistic_and_unsupported_stats():
     out, stats = regkern.register_attention(q, k, v, return_stats=("lse",), backend="triton")
     _, ref = regkern.register_attention(q, k, v, return_stats=("lse",), backend="reference")
     torch.testing.assert_close(stats.lse, ref.lse, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="attn_mask is not supported"):
+    with pytest.raises(ValueError, match="attn_mask varies over queries or heads"):
         regkern.register_attention(
             q, k, v, attn_mask=torch.ones(17, 17, dtype=torch.bool, device=DEVICE), backend="triton"
         )
@@ -173,8 +173,9 @@ def _op_args(
     half=False,
     impl="triton",
     stats=(False, False, False, False),
+    key_bias=None,
 ):
-    return (q, k, v, reg_k, reg_v, *norms, rope, scale, P, qk_norm, eps, half, *stats, impl)
+    return (q, k, v, reg_k, reg_v, *norms, rope, key_bias, scale, P, qk_norm, eps, half, *stats, impl)
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
@@ -194,9 +195,12 @@ def test_opcheck(impl, prologue):
     torch.library.opcheck(attention_fwd, with_stats, test_utils=tests)
     out, lse, *_ = attention_fwd(*args)
     detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
-    bwd_args = (torch.randn_like(out), *detached[:10], out.detach(), lse, *detached[10:15], detached[-1])
+    bwd_args = (torch.randn_like(out), *detached[:11], out.detach(), lse, *detached[11:16], detached[-1])
     torch.library.opcheck(attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(attention_fwd, _op_args(q, k, v, P=0, impl=impl), test_utils=tests)
+    key_bias = torch.zeros(B, N, device=DEVICE).masked_fill(torch.tensor([[False, True, False, True, False]]), -1e9)
+    masked = _op_args(q, k, v, reg_k, reg_v, scale=d**-0.5, P=P, impl=impl, key_bias=key_bias, **extra)
+    torch.library.opcheck(attention_fwd, masked, test_utils=tests)
 
 
 PROLOGUE_CASES = [
@@ -360,9 +364,10 @@ def test_auto_never_picks_the_interpreter_but_explicit_triton_works_on_cpu():
     assert "triton" in regkern.explain(module)
     # explicitly named: calls with a mask are refused (no silent switch), and explain says so
     assert module.masked_backend_name == "triton (unavailable)"
-    assert "calls with attn_mask -> triton (unavailable)" in regkern.explain(module)
+    assert "other attn_mask -> triton (unavailable)" in regkern.explain(module)
+    assert module.key_masked_backend_name == "triton"  # key masks run on the fused kernel
     x = torch.randn(1, 5, 64)
-    with pytest.raises(RuntimeError, match="attn_mask is not supported"):
+    with pytest.raises(RuntimeError, match="attn_mask varies over queries or heads"):
         module(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
     got = module(x)
     module.set_backend("torch")

@@ -1,0 +1,59 @@
+"""NaFlex ViTs (mixed resolutions in one batch, padding masked) on the fused path: patch_timm turns their padding
+mask into a key mask, which the Triton kernels take (under the interpreter here); pooled outputs, the valid tokens'
+features and all gradients equal timm's."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import regkern
+from tests.helpers import perturb_
+
+triton_kernels = pytest.importorskip("regkern.ops.attention.triton_kernels")
+BACKENDS = ["torch"] + (["triton"] if triton_kernels.INTERPRETED else [])
+PATCH = 16
+
+
+def naflex_batch(grids, seed=0):
+    """Patches of images with patch grids ``grids`` [(gh, gw), ...], padded to the largest count: the dict NaFlex
+    models take (patches (B, N, P*P*3), patch_coord (B, N, 2), patch_valid (B, N))."""
+    g = torch.Generator().manual_seed(seed)
+    N = max(gh * gw for gh, gw in grids)
+    patches = torch.randn(len(grids), N, PATCH * PATCH * 3, generator=g)
+    coord = torch.zeros(len(grids), N, 2, dtype=torch.long)
+    valid = torch.zeros(len(grids), N, dtype=torch.bool)
+    for i, (gh, gw) in enumerate(grids):
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        coord[i, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
+        valid[i, : gh * gw] = True
+    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["naflexvit_base_patch16_gap", "naflexvit_so150m2_patch16_reg1_gap"])
+def test_patched_naflex_matches_timm_at_mixed_resolutions(name, backend):
+    torch.manual_seed(0)
+    base = perturb_(timm.create_model(name, pretrained=False, depth=2, embed_dim=64, num_heads=2), 0).eval()
+    batch = naflex_batch([(3, 4), (2, 3), (4, 4)])
+    patched = regkern.patch_timm(copy.deepcopy(base), backend=backend)
+    text = regkern.explain(patched)
+    assert f"attn_mask: NaFlex padding as a key mask (B, 1, 1, N) -> {backend}" in text, text
+    with torch.no_grad():
+        torch.testing.assert_close(patched(batch), base(batch), atol=1e-5, rtol=1e-5)
+        args = (batch["patches"], batch["patch_coord"], batch["patch_valid"])
+        ours, theirs = patched.forward_features(*args)["patches"], base.forward_features(*args)["patches"]
+    P = base.num_prefix_tokens
+    valid = torch.cat([torch.ones(3, P, dtype=torch.bool), batch["patch_valid"]], 1)
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=1e-5)  # padding rows are nobody's input
+    grads = []
+    for model in (base, patched):
+        model.zero_grad(set_to_none=True)
+        model(batch).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert list(grads[0]) == list(grads[1]) and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-4, msg=n)
+    regkern.unpatch_timm(patched)
+    assert patched.use_key_only_attn_mask is False and "_regkern_naflex_key_mask" not in patched.__dict__
