@@ -310,7 +310,10 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         reg = torch.empty(R, H, d, dtype=dtype, device="cuda") if R else None
         return q, k, v, reg, reg
 
-    def forward(stats=(), prologue=False):
+    def key_bias(masked: bool):
+        return torch.empty(B, N, dtype=torch.float32, device="cuda") if masked else None
+
+    def forward(stats=(), prologue=False, masked=False):
         def run():
             q, k, v, rk, rv = inputs()
             norms = {}
@@ -319,15 +322,20 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
                 w = torch.empty(d, dtype=dtype, device="cuda")
                 norms = dict(qk_norm=True, q_norm_weight=w, q_norm_bias=w, k_norm_weight=w, k_norm_bias=w)
                 rope = torch.empty(N - P, 2 * d, dtype=torch.float32, device="cuda")
-            kernels.attention_forward(q, k, v, rk, rv, d**-0.5, P, stats=stats, rope=rope, **norms)
+            kernels.attention_forward(
+                q, k, v, rk, rv, d**-0.5, P, stats=stats, rope=rope, key_bias=key_bias(masked), **norms
+            )
 
         return run
 
-    def backward():
-        q, k, v, rk, rv = inputs()
-        out = torch.empty(B, N, H, d, dtype=dtype, device="cuda")
-        lse = torch.empty(B, H, N, dtype=torch.float32, device="cuda")
-        kernels.attention_backward(out, q, k, v, rk, rv, out, lse, d**-0.5, P)
+    def backward(masked=False):
+        def run():
+            q, k, v, rk, rv = inputs()
+            out = torch.empty(B, N, H, d, dtype=dtype, device="cuda")
+            lse = torch.empty(B, H, N, dtype=torch.float32, device="cuda")
+            kernels.attention_backward(out, q, k, v, rk, rv, out, lse, d**-0.5, P, key_bias=key_bias(masked))
+
+        return run
 
     return [
         _Case("forward", forward(), name, dt),
@@ -335,7 +343,10 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         _Case("forward+received", forward(("received",)), name, dt),
         _Case("forward+received_groups", forward(("received_groups",)), name, dt),  # what the norm monitor runs
         _Case("forward+qk_norm+rope", forward(prologue=True), name, dt),
-        _Case("backward", backward, name, dt),
+        _Case("forward+key_mask", forward(masked=True), name, dt),
+        _Case("forward+key_mask+received_groups", forward(("received_groups",), masked=True), name, dt),
+        _Case("backward", backward(), name, dt),
+        _Case("backward+key_mask", backward(masked=True), name, dt),
     ]
 
 
