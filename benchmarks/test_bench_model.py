@@ -178,3 +178,62 @@ def test_monitor_overhead(benchmark, device):
         variant_median_s=median,
         ratios=ratios,
     )
+
+
+# NaFlex ViT-B at mixed resolutions: one batch of images at their own patch grids, padded to the longest
+NAFLEX_SPEC = (
+    ("naflexvit-b16-mixed", "naflexvit_base_patch16_gap", [(14, 14), (16, 20), (24, 12), (32, 32)] * 8, torch.bfloat16)
+    if on_gpu()
+    else ("naflexvit-tiny-mixed-cpu", "naflexvit_base_patch16_gap", [(3, 4), (2, 3), (4, 4)], torch.float32)
+)
+
+
+def naflex_inputs(grids, device, dtype, patch=16):
+    """The dict NaFlex models take: patches (B, N, P*P*3), patch_coord (B, N, 2), patch_valid (B, N)."""
+    N = max(gh * gw for gh, gw in grids)
+    g = torch.Generator().manual_seed(0)
+    patches = torch.randn(len(grids), N, patch * patch * 3, generator=g)
+    coord = torch.zeros(len(grids), N, 2, dtype=torch.long)
+    valid = torch.zeros(len(grids), N, dtype=torch.bool)
+    for i, (gh, gw) in enumerate(grids):
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        coord[i, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
+        valid[i, : gh * gw] = True
+    return {"patches": patches.to(device, dtype), "patch_coord": coord.to(device), "patch_valid": valid.to(device)}
+
+
+@pytest.mark.parametrize("variant", ["unpatched", "patched"])
+def test_naflex_mixed_resolutions(benchmark, device, variant):
+    """NaFlex ViT-B over a batch of mixed aspect ratios and sizes (padding masked): timm vs patched (key masks on
+    the fused kernels)."""
+    label, name, grids, dtype = NAFLEX_SPEC
+    kwargs = {} if on_gpu() else {"depth": 2, "embed_dim": 64, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).to(device=device, dtype=dtype).eval()
+    if variant == "patched":
+        model = regkern.patch_timm(model)
+    batch = naflex_inputs(grids, device, dtype)
+
+    def run():
+        with torch.inference_mode():
+            y = model(batch)
+        sync(device)
+        return y
+
+    run()
+    benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, warmup_rounds=1)
+    tokens = int(batch["patch_valid"].sum())
+    params = sum(p.numel() for p in model.parameters())
+    record(
+        benchmark,
+        device,
+        flops=2 * params * tokens,
+        bytes_moved=batch["patches"].numel() * batch["patches"].element_size(),
+        model=name,
+        variant=variant,
+        batch=len(grids),
+        label=label,
+        valid_tokens=tokens,
+        padded_tokens=batch["patch_valid"].numel(),
+        images_per_s=(len(grids) / benchmark.stats.stats.median) if benchmark.stats is not None else None,
+    )
