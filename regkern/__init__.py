@@ -2,6 +2,7 @@
 
 Public API (see README.md):
     register_attention      attention over [KV-only registers, tokens] with optional statistics, backend dispatch
+    register_attention_varlen  the same over sequences of different lengths packed as (T, H, d)
     reference               the pure-PyTorch semantics every kernel is tested against
     layer_norm_with_norms   LayerNorm that also returns each token's input L2 norm (Triton or CUDA kernels)
     MonitoredLayerNorm      drop-in nn.LayerNorm that hands those norms to a sink (a block's norm1)
@@ -39,7 +40,15 @@ from .nn import (
     explain,
 )
 from .ops import cuda_ext, dispatch_table
-from .ops.attention import AUTO_ORDER, BACKENDS, AttentionRequest, get_backend, register_attention, resolve_backend
+from .ops.attention import (
+    AUTO_ORDER,
+    BACKENDS,
+    AttentionRequest,
+    get_backend,
+    register_attention,
+    register_attention_varlen,
+    resolve_backend,
+)
 from .ops.embed_tokens import embed_tokens
 from .ops.layer_norm import layer_norm_with_norms
 from .reference import STAT_NAMES, AttentionStats
@@ -76,6 +85,7 @@ __all__ = [
     "cuda_ext",
     "dispatch_table",
     "register_attention",
+    "register_attention_varlen",
     "layer_norm_with_norms",
     "embed_tokens",
     "AttentionStats",

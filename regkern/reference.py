@@ -23,6 +23,7 @@ __all__ = [
     "STAT_NAMES",
     "AttentionStats",
     "register_attention",
+    "register_attention_varlen",
     "received_groups",
     "layer_norm_with_norms",
     "NormStatistics",
@@ -357,6 +358,58 @@ def apply_rope(t: torch.Tensor, rope: torch.Tensor, num_prefix: int, *, rotate_h
     if num_prefix == 0:
         return x
     return torch.cat([t[:, :num_prefix], x], dim=1)
+
+
+def register_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    reg_k: Optional[torch.Tensor] = None,
+    reg_v: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    num_prefix: int = 0,
+    return_stats: Iterable[str] = (),
+):
+    """``register_attention`` applied to each of S packed sequences alone: the semantics of
+    ``regkern.register_attention_varlen``.
+
+    Args:
+        q, k, v: (T, H, d) packed tokens; sequence s is rows [cu_seqlens[s], cu_seqlens[s + 1]).
+        cu_seqlens: (S + 1,) integer offsets (read on the host).
+        reg_k, reg_v: (R, H, d) shared by the sequences or (S, R, H, d) per sequence; both or neither.
+        num_prefix: the first ``num_prefix`` tokens of every sequence are its prefix (CLS + registers).
+        return_stats: any of "lse" -> (H, T) and "out_norm" -> (T,).
+
+    Returns:
+        out (T, H, d) in q's dtype, or ``(out, AttentionStats)``.
+    """
+    wanted = tuple(return_stats)
+    outs, lses, norms = [], [], []
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        rk = rv = None
+        if reg_k is not None:
+            rk, rv = (reg_k[s], reg_v[s]) if reg_k.dim() == 4 else (reg_k, reg_v)
+        out, stats = register_attention(
+            q[None, start:end], k[None, start:end], v[None, start:end], rk, rv, scale=scale, num_prefix=num_prefix,
+            return_stats=("lse", "out_norm"),
+        )  # fmt: skip
+        outs.append(out[0])
+        lses.append(stats.lse[0])
+        norms.append(stats.out_norm[0])
+    T, H, _ = q.shape
+    out = torch.cat(outs) if outs else q.new_empty(q.shape)
+    if not wanted:
+        return out
+    found = {
+        "lse": torch.cat(lses, dim=1) if lses else q.new_empty((H, T), dtype=torch.float32),
+        "out_norm": torch.cat(norms) if norms else q.new_empty((T,), dtype=torch.float32),
+    }
+    return out, AttentionStats({name: found[name] for name in wanted})
 
 
 def register_attention_backward(

@@ -21,6 +21,7 @@ from .backends import (
 )
 from .function import check_attention_inputs, register_attention, run_attention
 from .op import attention_bwd, attention_fwd
+from .varlen import VARLEN_BACKENDS, attention_varlen_bwd, attention_varlen_fwd, register_attention_varlen
 
 __all__ = [
     "register_attention",
@@ -28,6 +29,10 @@ __all__ = [
     "check_attention_inputs",
     "is_key_mask",
     "key_bias_from_mask",
+    "register_attention_varlen",
+    "attention_varlen_fwd",
+    "attention_varlen_bwd",
+    "VARLEN_BACKENDS",
     "attention_fwd",
     "attention_bwd",
     "AttentionRequest",

@@ -316,6 +316,7 @@ def attn_fwd_kernel(
     OUT_SQ,
     PREFIX_S,
     KEY_BIAS,
+    CU_SEQLENS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -349,20 +350,38 @@ def attn_fwd_kernel(
     STAT_OUT_SQ: tl.constexpr,
     STAT_PREFIX: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     # KEY_BIAS (B, N) float32: a key mask in raw-score units (bias / scale; -inf = masked), registers never masked.
     # This launch covers `tiles` query tiles from row first_row. The prefix queries, which record their attention
     # rows (STAT_PREFIX), get a small launch of their own, so that the other tiles carry none of that code.
+    # VARLEN: b is a sequence of the packed (T, H, d) tokens, rows [CU_SEQLENS[b], CU_SEQLENS[b + 1]); N is then
+    # the total T on entry (lse and out_norm are (H, T)) and this sequence's length below; `tiles` is the longest's
     pid_m, pid_bh, b, h = _program_coords(tiles, H)
+    q_off = b * stride_qb + h * stride_qh
+    k_off = b * stride_kb + h * stride_kh
+    v_off = b * stride_vb + h * stride_vh
+    out_row = b * N  # first row of this (b, h) in out (B, N, H, d); its lse / out_norm row is stat_row
+    stat_row = pid_bh * N
+    if VARLEN:
+        start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
+        stat_row = h * N + start_row
+        N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+        if first_row + pid_m * BLOCK_M >= N:
+            return  # a shorter sequence than the longest: no rows in this tile
+        q_off = start_row * stride_qn + h * stride_qh
+        k_off = start_row * stride_kn + h * stride_kh
+        v_off = start_row * stride_vn + h * stride_vh
+        out_row = start_row
     offs_m = first_row + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < N
     prefix_ok = (offs_m < P) & m_mask
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q_base = Q + q_off
+    k_base = K + k_off
+    v_base = V + v_off
     q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -374,7 +393,7 @@ def attn_fwd_kernel(
         ks = _load_small_segment(
             K,
             RK,
-            b * stride_kb + h * stride_kh,
+            k_off,
             b * stride_rkb + h * stride_rkh,
             stride_kn,
             stride_rkr,
@@ -387,7 +406,7 @@ def attn_fwd_kernel(
         vs = _load_small_segment(
             V,
             RV,
-            b * stride_vb + h * stride_vh,
+            v_off,
             b * stride_rvb + h * stride_rvh,
             stride_vn,
             stride_rvr,
@@ -407,7 +426,7 @@ def attn_fwd_kernel(
             )
         m_i, l_i, acc = _softmax_update(s_small, m_i, l_i, acc, vs, qk_scale_log2, DOT_PRECISION, HAS_KEY_BIAS)
 
-    # patch keys: whole tiles unmasked, then the ragged last tile (HAS_TAIL) masked
+    # patch keys: whole tiles unmasked, then the ragged last tile (HAS_TAIL; always with VARLEN) masked
     kv_rows = tl.arange(0, BLOCK_N)
     kv_offs_k = _tile_offsets(kv_rows, stride_kn, offs_d)  # [BLOCK_N, BLOCK_D], hoisted out of the loop
     kv_offs_v = _tile_offsets(kv_rows, stride_vn, offs_d)
@@ -427,11 +446,11 @@ def attn_fwd_kernel(
 
     acc = acc * (1.0 / l_i)[:, None]
     if STAT_OUT_SQ:  # this head's share of ||out[b, n]||^2, from the float32 accumulator
-        tl.store(OUT_SQ + pid_bh * N + offs_m, tl.sum(acc * acc, axis=1), mask=m_mask)
-    # out is contiguous (B, N, H, d)
-    o_ptrs = Out + ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        tl.store(OUT_SQ + stat_row + offs_m, tl.sum(acc * acc, axis=1), mask=m_mask)
+    # out is contiguous (B, N, H, d) (VARLEN: (T, H, d))
+    o_ptrs = Out + ((out_row + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + pid_bh * N + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+    tl.store(LSE + stat_row + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
 
 
 @triton.jit
@@ -644,6 +663,7 @@ def attn_bwd_dkdv_kernel(
     DK,
     DV,
     KEY_BIAS,
+    CU_SEQLENS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -661,6 +681,7 @@ def attn_bwd_dkdv_kernel(
     P,
     qk_scale_log2,
     scale,
+    tiles,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KEYS: tl.constexpr,
@@ -669,27 +690,50 @@ def attn_bwd_dkdv_kernel(
     TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     # One program owns BLOCK_KEYS patch keys from P and loops over all queries. (The small segment's key gradients
-    # come from attn_bwd_dq_kernel, which has its probabilities at hand.)
-    pid_bh, b, h, offs_j, valid = _key_tile(N, P, 0, H, BLOCK_KEYS, False)
+    # come from attn_bwd_dq_kernel, which has its probabilities at hand.) VARLEN: as in attn_fwd_kernel (N is T on
+    # entry, `tiles` the key tiles of the longest sequence)
+    if VARLEN:
+        pid_n, pid_bh, b, h = _program_coords(tiles, H)
+        start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
+        stat_row = h * N + start_row
+        N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+        if P + pid_n * BLOCK_KEYS >= N:
+            return
+        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+        valid = offs_j < N
+        q_off = start_row * stride_qn + h * stride_qh
+        k_off = start_row * stride_kn + h * stride_kh
+        v_off = start_row * stride_vn + h * stride_vh
+        do_off = start_row * stride_don + h * stride_doh
+        out_row = start_row
+    else:
+        pid_bh, b, h, offs_j, valid = _key_tile(N, P, 0, H, BLOCK_KEYS, False)
+        stat_row = pid_bh * N
+        q_off = b * stride_qb + h * stride_qh
+        k_off = b * stride_kb + h * stride_kh
+        v_off = b * stride_vb + h * stride_vh
+        do_off = b * stride_dob + h * stride_doh
+        out_row = b * N
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_j, stride_vn, offs_d, valid, d_mask)
+    k = _load_rows(K + k_off, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
+    v = _load_rows(V + v_off, offs_j, stride_vn, offs_d, valid, d_mask)
 
     dk = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)  # [BLOCK_KEYS, BLOCK_D]
     dv = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
     key_bias = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
     if HAS_KEY_BIAS:
         key_bias = _key_bias(KEY_BIAS + b * N, offs_j, valid, True)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    q_base = Q + q_off
+    do_base = DO + do_off
     rows = tl.arange(0, BLOCK_M)
     q_offs = _tile_offsets(rows, stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
     do_offs = _tile_offsets(rows, stride_don, offs_d)
-    lse_bh = LSE + pid_bh * N
-    delta_bh = DELTA + pid_bh * N
+    lse_bh = LSE + stat_row
+    delta_bh = DELTA + stat_row
     # Keys past the end are zero rows whose gradients are never stored, so only the ragged last query tile is masked
     end_full = (N // BLOCK_M) * BLOCK_M
     for start in range(0, end_full, BLOCK_M):
@@ -703,8 +747,8 @@ def attn_bwd_dkdv_kernel(
             offs_d, qk_scale_log2, key_bias, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
     dk = dk * scale
-    # dk, dv are contiguous (B, N, H, d)
-    ptrs = ((b * N + offs_j[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+    # dk, dv are contiguous (B, N, H, d) (VARLEN: (T, H, d))
+    ptrs = ((out_row + offs_j[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     mask = valid[:, None] & d_mask[None, :]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
@@ -778,6 +822,7 @@ def attn_bwd_dq_kernel(
     DQ,
     SMALL_GRAD,
     KEY_BIAS,
+    CU_SEQLENS,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -802,6 +847,7 @@ def attn_bwd_dq_kernel(
     P,
     qk_scale_log2,
     scale,
+    tiles,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -811,19 +857,40 @@ def attn_bwd_dq_kernel(
     HAS_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
+    # VARLEN: as in attn_fwd_kernel (N is T on entry, `tiles` the query tiles of the longest sequence)
+    if VARLEN:
+        pid_m, pid_bh, b, h = _program_coords(tiles, H)
+        start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
+        stat_row = h * N + start_row
+        N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+        if pid_m * BLOCK_M >= N:
+            return  # its small-segment share stays the launcher's zeros
+        q_off = start_row * stride_qn + h * stride_qh
+        do_off = start_row * stride_don + h * stride_doh
+        k_base = start_row * stride_kn + h * stride_kh
+        v_base = start_row * stride_vn + h * stride_vh
+        out_row = start_row
+        share_tile = pid_bh * tiles + pid_m
+    else:
+        pid_m, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_M), H)
+        stat_row = pid_bh * N
+        q_off = b * stride_qb + h * stride_qh
+        do_off = b * stride_dob + h * stride_doh
+        k_base = b * stride_kb + h * stride_kh
+        v_base = b * stride_vb + h * stride_vh
+        out_row = b * N
+        share_tile = pid_bh * tl.cdiv(N, BLOCK_M) + pid_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < N
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, m_mask, d_mask)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, m_mask, d_mask)
-    lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_mask, other=0.0)
+    q = _load_rows(Q + q_off, offs_m, stride_qn, offs_d, m_mask, d_mask)
+    do = _load_rows(DO + do_off, offs_m, stride_don, offs_d, m_mask, d_mask)
+    lse2 = tl.load(LSE + stat_row + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + stat_row + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = b * stride_kb + h * stride_kh
-    v_base = b * stride_vb + h * stride_vh
 
     if HAS_SMALL:
         offs_s = tl.arange(0, BLOCK_S)
@@ -845,7 +912,7 @@ def attn_bwd_dq_kernel(
         # launcher sums the shares over the query tiles
         dv_small = tl.dot(tl.trans(do), p_small.to(do.dtype), input_precision=DOT_PRECISION)  # [BLOCK_D, BLOCK_S]
         dk_small = tl.dot(tl.trans(q), ds_small.to(q.dtype), input_precision=DOT_PRECISION) * scale
-        share = SMALL_GRAD + (pid_bh * tl.cdiv(N, BLOCK_M) + pid_m) * (2 * BLOCK_D * BLOCK_S)
+        share = SMALL_GRAD + share_tile * (2 * BLOCK_D * BLOCK_S)
         share_offs = offs_d[:, None] * BLOCK_S + offs_s[None, :]  # [BLOCK_D, BLOCK_S]
         tl.store(share + share_offs, dv_small)
         tl.store(share + BLOCK_D * BLOCK_S + share_offs, dk_small)
@@ -866,7 +933,7 @@ def attn_bwd_dq_kernel(
         )  # fmt: skip
 
     dq = dq * scale
-    ptrs = ((b * N + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+    ptrs = ((out_row + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -1089,6 +1156,7 @@ def attention_forward(
         out_sq,
         prefix_s,
         key_bias_raw,
+        lse,  # CU_SEQLENS: not read without VARLEN
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -1119,6 +1187,7 @@ def attention_forward(
             STAT_OUT_SQ=want_norm,
             STAT_PREFIX=record,
             HAS_KEY_BIAS=key_bias is not None,
+            VARLEN=False,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -1235,7 +1304,13 @@ def attention_backward(
     kv_cfg, q_cfg = _config("backward_dkdv", q), _config("backward_dq", q)
     BLOCK_D = _pow2_at_least(d)
     BLOCK_S = _pow2_at_least(R + P)
-    common = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), HAS_KEY_BIAS=key_bias is not None)
+    common = dict(
+        HEAD_DIM=d,
+        BLOCK_D=BLOCK_D,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_KEY_BIAS=key_bias is not None,
+        VARLEN=False,
+    )
     q_strides = (q.stride(0), q.stride(1), q.stride(2))
     k_strides = (k.stride(0), k.stride(1), k.stride(2))
     v_strides = (v.stride(0), v.stride(1), v.stride(2))
@@ -1251,6 +1326,7 @@ def attention_backward(
             dk,
             dv,
             key_bias_raw,
+            delta,  # CU_SEQLENS: not read without VARLEN
             *q_strides,
             *k_strides,
             *v_strides,
@@ -1260,6 +1336,7 @@ def attention_backward(
             P,
             scale * LOG2E,
             scale,
+            0,  # tiles: VARLEN only
             BLOCK_M=kv_cfg.block_m,
             BLOCK_KEYS=kv_cfg.block_n,
             HAS_TAIL=N % kv_cfg.block_m != 0,
@@ -1287,6 +1364,7 @@ def attention_backward(
         dq,
         small_grad,
         key_bias_raw,
+        delta,  # CU_SEQLENS: not read without VARLEN
         *q_strides,
         *k_strides,
         *v_strides,
@@ -1299,6 +1377,7 @@ def attention_backward(
         P,
         scale * LOG2E,
         scale,
+        0,  # tiles: VARLEN only
         BLOCK_M=q_cfg.block_m,
         BLOCK_N=q_cfg.block_n,
         BLOCK_S=BLOCK_S,
@@ -1322,4 +1401,131 @@ def attention_backward(
         if reg_k.dim() == 3:
             drk, drv = drk.sum(0), drv.sum(0)
         dreg_k, dreg_v = drk.to(reg_k.dtype), drv.to(reg_v.dtype)
+    return dq, dk, dv, dreg_k, dreg_v
+
+
+# ------------------------------------------------------------------------------------ variable-length launchers
+
+
+def attention_forward_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    reg_k: Optional[torch.Tensor],
+    reg_v: Optional[torch.Tensor],
+    scale: float,
+    num_prefix: int,
+    want_out_norm: bool = False,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+):
+    """Register attention over S packed sequences: q, k, v (T, H, d) strided, sequence s the rows
+    [cu_seqlens[s], cu_seqlens[s + 1]) (int32, checked by the caller), each with its own first ``num_prefix`` tokens as
+    its prefix segment and registers (R, H, d) shared or (S, R, H, d) per sequence. One launch over
+    (query tiles of the longest sequence) x S x H; the tiles past a sequence's end return at once.
+
+    Returns out (T, H, d) contiguous, lse (H, T) float32 and out_norm (T,) float32 (None unless ``want_out_norm``)."""
+    q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
+    T, H, d = q.shape
+    S = cu_seqlens.numel() - 1
+    R = 0 if reg_k is None else reg_k.shape[-3]
+    P = num_prefix
+    rk, srk = _registers_view(reg_k, k)
+    rv, srv = _registers_view(reg_v, v)
+    out = torch.empty((T, H, d), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device) if lse is None else lse
+    out_sq = torch.empty((H, T), dtype=torch.float32, device=q.device) if want_out_norm else lse
+    if T and S and max_seqlen:
+        cfg = tile_config("forward", q.device, q.dtype, d, max_seqlen)
+        tiles = triton.cdiv(max_seqlen, cfg.block_m)
+        attn_fwd_kernel[(tiles * S * H,)](
+            q, k, v, rk, rv, out, lse, out_sq, lse, lse, cu_seqlens,
+            0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1), *srk, *srv,
+            H, T, R, P, 0, tiles, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_S=_pow2_at_least(R + P),
+            BLOCK_D=_pow2_at_least(d), HAS_SMALL=(R + P) > 0, HAS_TAIL=True, DOT_PRECISION=_dot_precision(q.dtype),
+            STAT_OUT_SQ=want_out_norm, STAT_PREFIX=False, HAS_KEY_BIAS=False, VARLEN=True,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return out, lse, (out_sq.sum(0).sqrt() if want_out_norm else None)
+
+
+def attention_backward_varlen(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    reg_k: Optional[torch.Tensor],
+    reg_v: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    num_prefix: int,
+):
+    """Gradients of ``attention_forward_varlen``: dq, dk, dv (T, H, d) contiguous and dreg_k, dreg_v in the
+    registers' shape (summed over the sequences when shared) or None."""
+    q, k, v, dout = (_last_dim_unit_stride(t) for t in (q, k, v, dout))
+    T, H, d = q.shape
+    S = cu_seqlens.numel() - 1
+    R = 0 if reg_k is None else reg_k.shape[-3]
+    P = num_prefix
+    rk, srk = _registers_view(reg_k, k)
+    rv, srv = _registers_view(reg_v, v)
+    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # (H, T)
+    dq = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
+    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    BLOCK_D, BLOCK_S = _pow2_at_least(d), _pow2_at_least(R + P)
+    common = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype), HAS_KEY_BIAS=False, VARLEN=True)
+    if not (T and S and max_seqlen):
+        return (
+            dq,
+            dk,
+            dv,
+            None if reg_k is None else torch.zeros_like(reg_k),
+            None if reg_v is None else torch.zeros_like(reg_v),
+        )
+    kv_cfg = tile_config("backward_dkdv", q.device, q.dtype, d, max_seqlen)
+    q_cfg = tile_config("backward_dq", q.device, q.dtype, d, max_seqlen)
+    if max_seqlen > P:
+        key_tiles = triton.cdiv(max_seqlen - P, kv_cfg.block_n)
+        attn_bwd_dkdv_kernel[(key_tiles * S * H,)](
+            q, k, v, dout, lse, delta, dk, dv, delta, cu_seqlens,
+            0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
+            0, dout.stride(0), dout.stride(1),
+            H, T, P, scale * LOG2E, scale, key_tiles,
+            BLOCK_M=kv_cfg.block_m, BLOCK_KEYS=kv_cfg.block_n, HAS_TAIL=True, TAIL_ROWS=kv_cfg.block_m,
+            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
+        )  # fmt: skip
+    q_tiles = triton.cdiv(max_seqlen, q_cfg.block_m)
+    # each query tile's share of its sequence's small-segment dV, dK; tiles past a sequence's end add zeros
+    small_grad = torch.zeros(
+        (S * H, q_tiles, 2, BLOCK_D, BLOCK_S) if R + P else (1,), dtype=torch.float32, device=q.device
+    )
+    attn_bwd_dq_kernel[(q_tiles * S * H,)](
+        q, k, v, rk, rv, dout, lse, delta, dq, small_grad, delta, cu_seqlens,
+        0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1), *srk, *srv,
+        0, dout.stride(0), dout.stride(1),
+        H, T, R, P, scale * LOG2E, scale, q_tiles,
+        BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n, BLOCK_S=BLOCK_S, HAS_SMALL=(R + P) > 0, HAS_TAIL=True,
+        num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages, **common,
+    )  # fmt: skip
+    dreg_k = dreg_v = None
+    if R + P:
+        # (S, R + P, H, d): the registers' rows, then the prefix tokens'
+        shares = small_grad.sum(1).view(S, H, 2, BLOCK_D, BLOCK_S)[..., :d, : R + P].permute(2, 0, 4, 1, 3)
+        dv_small, dk_small = shares[0], shares[1]
+        if P:
+            rows = (cu_seqlens[:-1, None].long() + torch.arange(P, device=q.device)).flatten()  # (S * P,)
+            dk[rows] = dk_small[:, R:].reshape(S * P, H, d).to(dk.dtype)
+            dv[rows] = dv_small[:, R:].reshape(S * P, H, d).to(dv.dtype)
+        if R:
+            drk, drv = dk_small[:, :R], dv_small[:, :R]
+            if reg_k.dim() == 3:
+                drk, drv = drk.sum(0), drv.sum(0)
+            # copies: views of one buffer must not leave an op as two outputs
+            dreg_k, dreg_v = drk.to(reg_k.dtype, copy=True), drv.to(reg_v.dtype, copy=True)
     return dq, dk, dv, dreg_k, dreg_v
