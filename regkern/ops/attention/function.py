@@ -12,7 +12,7 @@ import torch
 from ...reference import STAT_NAMES
 from .backends import AttentionBackend, AttentionRequest, resolve_backend
 
-__all__ = ["register_attention", "check_attention_inputs"]
+__all__ = ["register_attention", "check_attention_inputs", "check_scale"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -81,7 +81,7 @@ def check_attention_inputs(
             raise ValueError(f"reg_v: expected the shape of reg_k {tuple(reg_k.shape)}, got {tuple(reg_v.shape)}")
 
     if scale is not None:
-        _check_scale(scale)
+        check_scale(scale)
 
     if isinstance(return_stats, str):
         return_stats = (return_stats,)
@@ -117,7 +117,7 @@ def check_attention_inputs(
     return stats
 
 
-def _check_scale(scale) -> None:
+def check_scale(scale) -> None:
     """A finite real > 0: Python and NumPy numbers, or a one-element CPU tensor (a CUDA tensor would cost a sync)."""
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ... import reference
 from .backends import BACKENDS, DISPATCHER
-from .function import _check_scale
+from .function import check_scale
 from .op import triton_kernels, triton_problem
 
 __all__ = ["register_attention_varlen", "attention_varlen_fwd", "attention_varlen_bwd", "VARLEN_BACKENDS"]
@@ -169,7 +169,7 @@ def _check_varlen_inputs(q, k, v, cu_seqlens, num_prefix, reg_k, reg_v, scale, r
         if reg_k.shape != reg_v.shape:
             raise ValueError(f"reg_v: expected the shape of reg_k {tuple(reg_k.shape)}, got {tuple(reg_v.shape)}")
     if scale is not None:
-        _check_scale(scale)
+        check_scale(scale)
     stats = tuple(return_stats)
     unknown = [s for s in stats if s not in VARLEN_STATS]
     if unknown:
