@@ -310,6 +310,22 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         reg = torch.empty(R, H, d, dtype=dtype, device="cuda") if R else None
         return q, k, v, reg, reg
 
+    def packed():  # B sequences of N tokens packed as (B * N, H, d): the varlen kernels' view of the same shape
+        qkv = torch.empty(B * N, 3, H, d, dtype=dtype, device="cuda")
+        cu = torch.empty(B + 1, dtype=torch.int32, device="cuda")
+        reg = torch.empty(4, H, d, dtype=dtype, device="cuda")
+        return (*qkv.unbind(1), cu, reg)
+
+    def varlen_forward():
+        q, k, v, cu, reg = packed()
+        kernels.attention_forward_varlen(q, k, v, cu, N, reg, reg, d**-0.5, P)
+
+    def varlen_backward():
+        q, k, v, cu, reg = packed()
+        out = torch.empty(B * N, H, d, dtype=dtype, device="cuda")
+        lse = torch.empty(H, B * N, dtype=torch.float32, device="cuda")
+        kernels.attention_backward_varlen(out, q, k, v, cu, N, reg, reg, out, lse, d**-0.5, P)
+
     def key_bias(masked: bool):
         return torch.empty(B, N, dtype=torch.float32, device="cuda") if masked else None
 
@@ -347,6 +363,8 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         _Case("forward+key_mask+received_groups", forward(("received_groups",), masked=True), name, dt),
         _Case("backward", backward(), name, dt),
         _Case("backward+key_mask", backward(masked=True), name, dt),
+        _Case("varlen forward", varlen_forward, name, dt),
+        _Case("varlen backward", varlen_backward, name, dt),
     ]
 
 

@@ -437,7 +437,10 @@ def attn_fwd_kernel(
             qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok, KEY_BIAS + b * N,
             HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, STAT_PREFIX, HAS_KEY_BIAS,
         )  # fmt: skip
-    if HAS_TAIL:
+    run_tail = HAS_TAIL
+    if VARLEN:  # each sequence its own ragged tail, if any
+        run_tail = end_full < N
+    if run_tail:
         m_i, l_i, acc = _fwd_patch_tile(
             q, m_i, l_i, acc, k_base, v_base, kv_offs_k, kv_offs_v, end_full, N, R, P, stride_kn, stride_vn, offs_d,
             qk_scale_log2, PREFIX_S, pid_bh, offs_m, prefix_ok, KEY_BIAS + b * N,
@@ -741,7 +744,10 @@ def attn_bwd_dkdv_kernel(
             k, v, dk, dv, q_base, do_base, q_offs, do_offs, lse_bh, delta_bh, start, N, stride_qn, stride_don, offs_d,
             qk_scale_log2, key_bias, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
-    if HAS_TAIL:
+    run_tail = HAS_TAIL
+    if VARLEN:  # each sequence its own ragged tail, if any
+        run_tail = end_full < N
+    if run_tail:
         dk, dv = _dkdv_query_tile(
             k, v, dk, dv, q_base, do_base, q_offs, do_offs, lse_bh, delta_bh, end_full, N, stride_qn, stride_don,
             offs_d, qk_scale_log2, key_bias, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
@@ -926,7 +932,10 @@ def attn_bwd_dq_kernel(
             q, do, lse2, delta, dq, K + k_base, V + v_base, kv_offs_k, kv_offs_v, start, N, stride_kn, stride_vn,
             offs_d, qk_scale_log2, KEY_BIAS + b * N, HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
-    if HAS_TAIL:
+    run_tail = HAS_TAIL
+    if VARLEN:  # each sequence its own ragged tail, if any
+        run_tail = end_full < N
+    if run_tail:
         dq = _dq_key_tile(
             q, do, lse2, delta, dq, K + k_base, V + v_base, kv_offs_k, kv_offs_v, end_full, N, stride_kn, stride_vn,
             offs_d, qk_scale_log2, KEY_BIAS + b * N, HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
@@ -950,8 +959,13 @@ def _pow2_at_least(x: int, minimum: int = 16) -> int:
 def loop_trip_counts(kernel_name: str, args: dict) -> tuple[int, ...]:
     """Iterations of each loop of ``kernel_name`` (in source order) for one launch's bound arguments (constexprs
     included): what ``regkern bench --static`` multiplies the SASS loop bodies by. Peeled ragged tiles are outside
-    the loops."""
+    the loops. VARLEN launches count the longest sequence's loops, rounded up to whole tiles (an upper bound)."""
     N, P = int(args["N"]), int(args["P"])
+    if args.get("VARLEN"):  # N is the packed total: the longest sequence, from the tiles the grid was sized by
+        if kernel_name == "attn_bwd_dkdv_kernel":
+            N = int(args["tiles"]) * int(args["BLOCK_KEYS"]) + P
+        else:
+            N = int(args["tiles"]) * int(args["BLOCK_M"])
     if kernel_name == "attn_prologue_kernel":
         return ()
     if kernel_name == "attn_fwd_kernel":
