@@ -197,3 +197,74 @@ def test_attention_op(benchmark, device, shape, contender, mode):
         dtype=str(dtype),
         peak_memory_bytes=peak,
     )
+
+
+# 8 sequences of different lengths (ViT-B/14-reg4 at 224 px ... ViT-L/14-reg4 at 518 px), each with its
+# [CLS, 4 registers] prefix: packed without padding (regkern varlen) vs padded to the longest (SDPA, key mask)
+VARLEN_LENGTHS = [197, 261, 401, 577, 785, 1025, 1230, 1374] if on_gpu() else [5, 17, 33, 9]
+VARLEN_H, VARLEN_P = (16, 5) if on_gpu() else (2, 5)
+
+
+def _varlen_regkern(q, k, v, cu, lengths, reg):
+    return regkern.register_attention_varlen(q, k, v, cu, num_prefix=VARLEN_P, max_seqlen=max(lengths))
+
+
+def _varlen_padded_sdpa(q, k, v, cu, lengths, reg):
+    """What users do without varlen: pad every sequence to the longest, mask the padding keys, SDPA, unpad."""
+    L = max(lengths)
+    pos = torch.arange(L, device=q.device)
+    valid = pos[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+    index = (cu[:-1, None].long() + pos[None, :]).clamp(max=q.shape[0] - 1)
+
+    def pad(t):
+        return (t[index] * valid[..., None, None].to(t.dtype)).transpose(1, 2)  # (S, H, L, d)
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2)[valid]
+
+
+VARLEN_CONTENDERS = {"regkern-varlen": _varlen_regkern, "sdpa-padded": _varlen_padded_sdpa}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("contender", list(VARLEN_CONTENDERS))
+def test_packed_sequences(benchmark, device, contender, mode):
+    lengths, H, dtype = VARLEN_LENGTHS, VARLEN_H, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    T = sum(lengths)
+    grad_needed = mode != "fwd"
+    qkv = torch.randn(T, 3, H, D, device=device, dtype=dtype, requires_grad=grad_needed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    fn = VARLEN_CONTENDERS[contender]
+    grad = torch.randn(T, H, D, device=device, dtype=dtype)
+
+    def run():
+        q, k, v = qkv.unbind(1)
+        if mode == "fwd":
+            with torch.no_grad():
+                out = fn(q, k, v, cu, lengths, None)
+        else:
+            out = fn(q, k, v, cu, lengths, None)
+            out.backward(grad)
+        sync(device)
+        return out
+
+    run()
+    benchmark.pedantic(run, rounds=20 if device.type == "cuda" else 3, warmup_rounds=3 if device.type == "cuda" else 1)
+    passes = 1 if mode == "fwd" else 3.5
+    flops = sum(4 * H * n * n * D for n in lengths) * passes
+    record(
+        benchmark,
+        device,
+        flops,
+        T * 4 * H * D * qkv.element_size(),
+        op="attention-varlen",
+        shape=f"S{len(lengths)}-T{T}",
+        lengths=lengths,
+        H=H,
+        d=D,
+        P=VARLEN_P,
+        mode=mode,
+        contender=contender,
+        dtype=str(dtype),
+        padded_tokens=len(lengths) * max(lengths),
+    )

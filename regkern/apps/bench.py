@@ -26,8 +26,8 @@ from .targets import evaluate_targets
 __all__ = ["add_bench_arguments", "run_bench", "summarize", "cuda_vs_triton", "format_markdown", "PEERS"]
 
 #: contenders that count as "the best peer" (the other non-regkern ones are feature baselines); "torch" is the
-#: plain-PyTorch baseline of the small ops (LayerNorm + norms, token embedding)
-PEERS = ("timm", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers", "flex", "torch")
+#: plain-PyTorch baseline of the small ops (LayerNorm + norms, token embedding); "sdpa-padded" the packed sequences' one
+PEERS = ("timm", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers", "flex", "torch", "sdpa-padded")
 CUDA_PREFIX = "regkern-cuda"
 
 
