@@ -57,3 +57,22 @@ def test_patched_naflex_matches_timm_at_mixed_resolutions(name, backend):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-4, msg=n)
     regkern.unpatch_timm(patched)
     assert patched.use_key_only_attn_mask is False and "_regkern_naflex_key_mask" not in patched.__dict__
+
+
+def test_patched_naflex_on_cuda_runs_its_padding_masks_on_triton(monkeypatch):
+    """What explain reports for a patched NaFlex model on a GPU (simulated: each module sees a bf16 CUDA parameter
+    of an sm_90 device): the key masks go to Triton, other masks would stay on torch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import regkern.nn.attention as nn_attention
+
+    with FakeTensorMode():
+        cuda_param = torch.empty(1, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(nn_attention, "device_capability", lambda device: (9, 0) if device.type == "cuda" else None)
+    monkeypatch.setattr(nn_attention.RegisterAttentionBase, "_reference_param", lambda self: cuda_param)
+    model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2, embed_dim=64, num_heads=2)
+    regkern.patch_timm(model)
+    text = regkern.explain(model)
+    assert "attn_mask: NaFlex padding as a key mask (B, 1, 1, N) -> triton" in text, text
+    for line in text.splitlines()[1:]:
+        assert "-> triton (auto" in line and "other attn_mask -> torch" in line, line
