@@ -158,7 +158,9 @@ def register_attention(
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, N)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
+    # softmax, not exp(scores - lse): a row whose every score carries a huge finite bias (timm's finfo.min masks)
+    # loses log(n) in lse and would sum to n; softmax normalises it (the average of the values, as SDPA gives)
+    probs = torch.softmax(scores, dim=-1)
     used = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     out_f = torch.matmul(used, vf).transpose(1, 2)  # (B, N, H, d)
     out = out_f.to(q.dtype).contiguous()
@@ -402,7 +404,7 @@ def register_attention_varlen(
         lses.append(stats.lse[0])
         norms.append(stats.out_norm[0])
     T, H, _ = q.shape
-    out = torch.cat(outs) if outs else q.new_empty(q.shape)
+    out = torch.cat(outs) if outs else q * 0  # T = 0: an empty output that autograd still connects to q
     if not wanted:
         return out
     found = {

@@ -236,6 +236,11 @@ class RegisterAttentionBase(nn.Module):
         return self._masked_backend_choice.name
 
     @property
+    def masked_backend_reason(self) -> str:
+        """Why calls with such an ``attn_mask`` run on ``masked_backend_name``, in words."""
+        return self._masked_backend_choice.reason
+
+    @property
     def key_masked_backend_name(self) -> str:
         """Name of the backend used for calls whose ``attn_mask`` is a key mask (broadcastable to (B, 1, 1, N))."""
         return self._key_masked_backend_choice.name

@@ -33,7 +33,8 @@ def explain(module_or_model: nn.Module) -> str:
             if module.key_masked_backend_name != module.backend_name:
                 line += f"; key masks -> {module.key_masked_backend_name}"
             if module.masked_backend_name != module.backend_name:
-                line += f"; other attn_mask -> {module.masked_backend_name}"
+                why = module.masked_backend_reason.split("; ")[-1]  # the last reason: the skipped backend's
+                line += f"; other attn_mask -> {module.masked_backend_name} ({why})"
             lines.append(line)
         elif isinstance(module, MonitoredLayerNorm):
             lines.append(f"{name or '<root>'}: MonitoredLayerNorm -> {module.backend_name} ({module.backend_reason})")

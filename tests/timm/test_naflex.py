@@ -76,3 +76,16 @@ def test_patched_naflex_on_cuda_runs_its_padding_masks_on_triton(monkeypatch):
     assert "attn_mask: NaFlex padding as a key mask (B, 1, 1, N) -> triton" in text, text
     for line in text.splitlines()[1:]:
         assert "-> triton (auto" in line and "other attn_mask -> torch" in line, line
+
+
+def test_patched_naflex_with_an_attention_pooling_head_matches_timm():
+    """MAP-head NaFlex models: the pooling head (timm's, it masks padding itself) reads the patched blocks' tokens."""
+    torch.manual_seed(0)
+    base = perturb_(
+        timm.create_model("naflexvit_base_patch16_map", pretrained=False, depth=2, embed_dim=64, num_heads=2), 0
+    ).eval()
+    batch = naflex_batch([(3, 4), (2, 3)])
+    with pytest.warns(UserWarning, match="AttentionPoolLatent"):
+        patched = regkern.patch_timm(copy.deepcopy(base), backend=BACKENDS[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(patched(batch), base(batch), atol=1e-5, rtol=1e-5)

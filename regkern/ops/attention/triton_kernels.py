@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import device_capability
 from .configs import TileConfig, tile_config
 
 LOG2E = 1.4426950408889634
@@ -364,6 +365,7 @@ def attn_fwd_kernel(
     out_row = b * N  # first row of this (b, h) in out (B, N, H, d); its lse / out_norm row is stat_row
     stat_row = pid_bh * N
     if VARLEN:
+        total_rows = N
         start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
         stat_row = h * N + start_row
         N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
@@ -448,6 +450,9 @@ def attn_fwd_kernel(
         )  # fmt: skip
 
     acc = acc * (1.0 / l_i)[:, None]
+    if VARLEN:  # read again rather than held through the loop (registers)
+        out_row = tl.load(CU_SEQLENS + b).to(tl.int64)
+        stat_row = h * total_rows + out_row
     if STAT_OUT_SQ:  # this head's share of ||out[b, n]||^2, from the float32 accumulator
         tl.store(OUT_SQ + stat_row + offs_m, tl.sum(acc * acc, axis=1), mask=m_mask)
     # out is contiguous (B, N, H, d) (VARLEN: (T, H, d))
@@ -942,6 +947,8 @@ def attn_bwd_dq_kernel(
         )  # fmt: skip
 
     dq = dq * scale
+    if VARLEN:  # read again rather than held through the loop (registers)
+        out_row = tl.load(CU_SEQLENS + b).to(tl.int64)
     ptrs = ((out_row + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -1009,7 +1016,10 @@ def _raw_key_bias(key_bias: Optional[torch.Tensor], B: int, N: int, scale: float
             f"key_bias: expected a float32 (B, N) = ({B}, {N}) tensor on {dummy.device}, got "
             f"{key_bias.dtype} {tuple(key_bias.shape)} on {key_bias.device}"
         )
-    return (key_bias / scale).contiguous()
+    raw = key_bias / scale
+    # a finite bias stays finite (timm masks with finfo.min, which / scale would overflow to -inf): a row whose keys
+    # all carry it then averages them, as the reference does, instead of giving NaN
+    return torch.where(key_bias == float("-inf"), key_bias, raw.clamp_min(torch.finfo(torch.float32).min)).contiguous()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -1266,7 +1276,8 @@ def attention_forward(
             REDUCE_GROUPS=reduce_groups,
             HAS_KEY_BIAS=key_bias is not None,
             num_warps=rcfg.num_warps,
-            num_stages=rcfg.num_stages,
+            # the key mask's bias stays in registers through the query loop: one stage fewer before Hopper
+            num_stages=rcfg.num_stages if key_bias is None or _hopper(q) else min(rcfg.num_stages, 2),
         )
         if N > P:
             attn_received_kernel[(triton.cdiv(N - P, rcfg.block_n) * B * H,)](
@@ -1411,6 +1422,8 @@ def attention_backward(
             drk[:, :R] = dk_small[:, :R]
             drv[:, :R] = dv_small[:, :R]
     dreg_k = dreg_v = None
+    if reg_k is not None and not R:  # zero registers still get (empty) gradients of their shape
+        dreg_k, dreg_v = torch.zeros_like(reg_k), torch.zeros_like(reg_v)
     if R:
         if reg_k.dim() == 3:
             drk, drv = drk.sum(0), drv.sum(0)
@@ -1419,6 +1432,25 @@ def attention_backward(
 
 
 # ------------------------------------------------------------------------------------ variable-length launchers
+
+
+def _hopper(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and device_capability(q.device) >= (9, 0)
+
+
+def _varlen_config(role: str, q: torch.Tensor, max_seqlen: int) -> TileConfig:
+    """The fixed-length configuration of ``role``, except at head dims above 64 before Hopper: there the varlen
+    programs, which also hold their sequence's offsets, take at most two stages and half the key (forward) or query
+    (dQ) tile, so that sm_80 does not spill."""
+    cfg = tile_config(role, q.device, q.dtype, q.shape[-1], max_seqlen)
+    if q.shape[-1] <= 64 or q.device.type != "cuda" or _hopper(q):
+        return cfg
+    stages = max(1, min(cfg.num_stages, 2))
+    if role == "forward":
+        return TileConfig(cfg.block_m, max(16, cfg.block_n // 2), cfg.num_warps, stages)
+    if role == "backward_dq":
+        return TileConfig(max(16, cfg.block_m // 2), cfg.block_n, cfg.num_warps, stages)
+    return TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, stages)
 
 
 def attention_forward_varlen(
@@ -1442,6 +1474,7 @@ def attention_forward_varlen(
 
     Returns out (T, H, d) contiguous, lse (H, T) float32 and out_norm (T,) float32 (None unless ``want_out_norm``)."""
     q, k, v = (_last_dim_unit_stride(t) for t in (q, k, v))
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read offsets b and b + 1
     T, H, d = q.shape
     S = cu_seqlens.numel() - 1
     R = 0 if reg_k is None else reg_k.shape[-3]
@@ -1452,7 +1485,7 @@ def attention_forward_varlen(
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device) if lse is None else lse
     out_sq = torch.empty((H, T), dtype=torch.float32, device=q.device) if want_out_norm else lse
     if T and S and max_seqlen:
-        cfg = tile_config("forward", q.device, q.dtype, d, max_seqlen)
+        cfg = _varlen_config("forward", q, max_seqlen)
         tiles = triton.cdiv(max_seqlen, cfg.block_m)
         attn_fwd_kernel[(tiles * S * H,)](
             q, k, v, rk, rv, out, lse, out_sq, lse, lse, cu_seqlens,
@@ -1483,6 +1516,7 @@ def attention_backward_varlen(
     """Gradients of ``attention_forward_varlen``: dq, dk, dv (T, H, d) contiguous and dreg_k, dreg_v in the
     registers' shape (summed over the sequences when shared) or None."""
     q, k, v, dout = (_last_dim_unit_stride(t) for t in (q, k, v, dout))
+    cu_seqlens = cu_seqlens.contiguous()
     T, H, d = q.shape
     S = cu_seqlens.numel() - 1
     R = 0 if reg_k is None else reg_k.shape[-3]
@@ -1502,8 +1536,8 @@ def attention_backward_varlen(
             None if reg_k is None else torch.zeros_like(reg_k),
             None if reg_v is None else torch.zeros_like(reg_v),
         )
-    kv_cfg = tile_config("backward_dkdv", q.device, q.dtype, d, max_seqlen)
-    q_cfg = tile_config("backward_dq", q.device, q.dtype, d, max_seqlen)
+    kv_cfg = _varlen_config("backward_dkdv", q, max_seqlen)
+    q_cfg = _varlen_config("backward_dq", q, max_seqlen)
     if max_seqlen > P:
         key_tiles = triton.cdiv(max_seqlen - P, kv_cfg.block_n)
         attn_bwd_dkdv_kernel[(key_tiles * S * H,)](
@@ -1528,6 +1562,8 @@ def attention_backward_varlen(
         num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages, **common,
     )  # fmt: skip
     dreg_k = dreg_v = None
+    if reg_k is not None and not R:  # zero registers still get (empty) gradients of their shape
+        dreg_k, dreg_v = torch.zeros_like(reg_k), torch.zeros_like(reg_v)
     if R + P:
         # (S, R + P, H, d): the registers' rows, then the prefix tokens'
         shares = small_grad.sum(1).view(S, H, 2, BLOCK_D, BLOCK_S)[..., :d, : R + P].permute(2, 0, 4, 1, 3)

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from ... import reference
-from .backends import BACKENDS, DISPATCHER
+from ..dispatch import device_capability
+from .backends import BACKENDS, DISPATCHER, AttentionRequest
 from .function import check_scale
-from .op import triton_kernels, triton_problem
+from .op import triton_kernels
 
 __all__ = ["register_attention_varlen", "attention_varlen_fwd", "attention_varlen_bwd", "VARLEN_BACKENDS"]
 
@@ -77,7 +78,8 @@ def attention_varlen_bwd(
     scale: float,
     num_prefix: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (T, H, d) and dreg_k, dreg_v in the registers' shape ((0,) without registers)."""
+    """dq, dk, dv (T, H, d) and dreg_k, dreg_v in the registers' shape ((0,) without registers). Internal: the
+    arguments are those ``register_attention_varlen`` checked (max_seqlen >= every length, cu_seqlens valid)."""
     dq, dk, dv, drk, drv = triton_kernels().attention_backward_varlen(
         dout, q, k, v, cu_seqlens, max_seqlen, reg_k, reg_v, out, lse, scale, num_prefix
     )
@@ -182,19 +184,25 @@ def _check_varlen_inputs(q, k, v, cu_seqlens, num_prefix, reg_k, reg_v, scale, r
     return lengths, longest, stats
 
 
+def _triton_reasons(q: Tensor) -> list[str]:
+    """Why the Triton kernels cannot run this call (device, dtype, head dim: the fixed-length backend's rules)."""
+    request = AttentionRequest(q.device.type, q.dtype, q.shape[-1], capability=device_capability(q.device))
+    return BACKENDS["triton"].not_supported_reasons(request)
+
+
 def _varlen_backend(backend: Optional[str], q: Tensor) -> str:
     DISPATCHER.check_name(backend)  # unknown names fail as everywhere
     name, source = DISPATCHER.requested_name(backend)
     if name == "auto":
-        return "triton" if q.is_cuda and not triton_problem("cuda") else "torch"
+        return "triton" if q.is_cuda and not _triton_reasons(q) else "torch"
     if name not in VARLEN_BACKENDS:
         raise ValueError(
             f"backend: {name!r} (from {source}) has no variable-length attention; one of {VARLEN_BACKENDS} or 'auto'"
         )
     if name == "triton":
-        problem = triton_problem(q.device.type)
-        if problem:
-            raise ValueError(f"backend: 'triton' (from {source}) cannot run this call: {problem}")
+        reasons = _triton_reasons(q)
+        if reasons:
+            raise ValueError(f"backend: 'triton' (from {source}) cannot run this call: {'; '.join(reasons)}")
     return name
 
 

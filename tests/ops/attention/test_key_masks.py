@@ -164,3 +164,22 @@ def test_key_mask_shapes_broadcast_like_sdpa(shape):
     assert not is_key_mask(torch.ones(2, 9, 9, dtype=torch.bool))  # varies over queries
     assert not is_key_mask(torch.ones(2, 3, 1, 9, dtype=torch.bool))  # varies over heads
     assert not is_key_mask(torch.ones(2, 1, 9, dtype=torch.bool))  # SDPA reads 3 dims as (H, N, N): over heads
+
+
+@pytest.mark.parametrize("fill", ["finfo-min", "minus-inf"])
+def test_timm_style_additive_masks_with_every_key_masked_match_the_reference(fill):
+    """timm masks with finfo(float32).min, not -inf: a row whose keys all carry it averages them (the reference's
+    answer), which the kernels keep by not letting bias / scale overflow to -inf."""
+    B, N, H, d = 2, 17, 1, 32
+    q, k, v = packed_qkv(B, N, H, d, device=DEVICE, seed=3)
+    value = torch.finfo(torch.float32).min if fill == "finfo-min" else float("-inf")
+    mask = torch.zeros(B, 1, 1, N, device=DEVICE)
+    mask[1] = value  # every key of batch row 1
+    mask[0, ..., :5] = value
+    out = regkern.register_attention(q, k, v, attn_mask=mask, scale=0.1, backend="triton")
+    ref = reference.register_attention(q, k, v, attn_mask=mask, scale=0.1)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    if fill == "finfo-min":
+        torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
+    else:
+        assert out[1].isnan().all() and ref[1].isnan().all()

@@ -164,3 +164,25 @@ BAD = {
 def test_bad_arguments_are_named(expected):
     with pytest.raises((ValueError, TypeError), match=expected.replace("(", r"\(").replace(")", r"\)")):
         regkern.register_attention_varlen(**_bad(**BAD[expected]))
+
+
+def test_non_contiguous_cu_seqlens_and_zero_registers():
+    q, k, v, cu, _, _ = make_pack((5, 9, 3), 2, 16, 0, False, torch.float32, seed=5)
+    strided = torch.stack([cu, torch.full_like(cu, 99)], 1)[:, 0]  # the same offsets with stride 2
+    assert not strided.is_contiguous()
+    zero = [torch.zeros(0, 2, 16, device=DEVICE, requires_grad=True) for _ in range(2)]
+    for backend in BACKENDS:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = regkern.register_attention_varlen(*leaves, strided, reg_k=zero[0], reg_v=zero[1], backend=backend)
+        want = reference.register_attention_varlen(q, k, v, cu)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=backend)
+        grads = torch.autograd.grad(out.sum(), leaves + zero)
+        assert grads[3].shape == (0, 2, 16)
+
+
+def test_auto_leaves_triton_for_what_its_kernels_do_not_take():
+    q, k, v, cu, _, _ = make_pack((5, 9), 1, 16, 0, False, torch.float64, seed=6)
+    with pytest.raises(ValueError, match="backend: 'triton'.*cannot run this call: dtype torch.float64"):
+        regkern.register_attention_varlen(q, k, v, cu, backend="triton")
+    out = regkern.register_attention_varlen(q, k, v, cu)  # auto: torch here
+    torch.testing.assert_close(out, reference.register_attention_varlen(q, k, v, cu))
