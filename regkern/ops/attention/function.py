@@ -117,6 +117,17 @@ def check_attention_inputs(
     return stats
 
 
+def _key_mask_as_attn_mask(key_mask, attn_mask, q: torch.Tensor) -> torch.Tensor:
+    """``key_mask`` (B, N) as the SDPA-style (B, 1, 1, N) mask; ValueError naming it when it is not one."""
+    if attn_mask is not None:
+        raise ValueError("key_mask: pass either attn_mask or key_mask, not both")
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dim() != 2 or tuple(key_mask.shape) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"key_mask: expected a (B, N) = {tuple(q.shape[:2])} tensor, got {getattr(key_mask, 'shape', key_mask)}"
+        )
+    return key_mask[:, None, None, :]
+
+
 def check_scale(scale) -> None:
     """A finite real > 0: Python and NumPy numbers, or a one-element CPU tensor (a CUDA tensor would cost a sync)."""
     if isinstance(scale, torch.Tensor):
@@ -184,6 +195,7 @@ def register_attention(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     backend: Optional[str] = None,
+    key_mask: Optional[torch.Tensor] = None,
 ):
     """Multi-head attention over [KV-only registers, tokens], with optional statistics.
 
@@ -200,6 +212,9 @@ def register_attention(
         attn_mask: optional SDPA-style mask over the token keys, bool (True = attend) or additive float,
             broadcastable to (B, H, N, N). Register keys are never masked.
         dropout_p: dropout probability on the attention weights (pass 0 in eval mode).
+        key_mask: instead of ``attn_mask``, a per-image key mask (B, N): bool (True = attend, e.g. the valid tokens
+            of padded images) or additive float; the same as ``attn_mask=key_mask[:, None, None, :]`` (a key mask,
+            which the fused kernels take).
         backend: "auto", "triton", "cuda", "torch" or "reference"; default $REGKERN_BACKEND or "auto".
             An explicit backend that cannot serve the call raises ValueError with its reasons.
 
@@ -212,6 +227,8 @@ def register_attention(
         out = regkern.register_attention(*qkv.unbind(2), reg_k, reg_v)   # (B, N, H, d)
         y = proj(out.view(B, N, H * d))
     """
+    if key_mask is not None:
+        attn_mask = _key_mask_as_attn_mask(key_mask, attn_mask, q)
     stats = check_attention_inputs(q, k, v, reg_k, reg_v, scale, return_stats, num_prefix, attn_mask, dropout_p)
     choice = resolve_backend(backend, AttentionRequest.from_tensors(q, stats, attn_mask, dropout_p))
     return _call_backend(choice.backend, q, k, v, reg_k, reg_v, scale, stats, num_prefix, attn_mask, dropout_p)

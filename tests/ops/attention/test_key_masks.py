@@ -183,3 +183,19 @@ def test_timm_style_additive_masks_with_every_key_masked_match_the_reference(fil
         torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
     else:
         assert out[1].isnan().all() and ref[1].isnan().all()
+
+
+def test_key_mask_argument_is_a_per_image_key_validity_vector():
+    B, N, H, d = 2, 17, 1, 32
+    q, k, v = packed_qkv(B, N, H, d, device=DEVICE, seed=4)
+    valid = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
+    valid[1, 9:] = False  # image 1 has 9 tokens, padded to 17
+    out = regkern.register_attention(q, k, v, key_mask=valid, backend="triton")
+    want = regkern.register_attention(q, k, v, attn_mask=valid[:, None, None, :], backend="reference")
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    alone = reference.register_attention(q[1:, :9], k[1:, :9], v[1:, :9])  # image 1 by itself
+    torch.testing.assert_close(out[1:, :9], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="key_mask: expected a \\(B, N\\) = \\(2, 17\\) tensor"):
+        regkern.register_attention(q, k, v, key_mask=valid[:, :5])
+    with pytest.raises(ValueError, match="key_mask: pass either attn_mask or key_mask"):
+        regkern.register_attention(q, k, v, key_mask=valid, attn_mask=valid[:, None, None, :])
