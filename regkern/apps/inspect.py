@@ -6,17 +6,27 @@ Outputs under ``--out`` (default ``inspect-out``):
     norm_map_<image>.png     the image as the model saw it (its resize and crop) beside its last-layer patch-norm map
     attention_<image>.png    the CLS/register attention maps of the last layer, per head, with colour bars
 Unreadable image files are reported and skipped (they still advance the progress bar); the run goes on.
+
+Files are read in order (files as given, folders' image files sorted) by DataLoader workers (``--workers``). Under
+torchrun (``torchrun --nproc_per_node N -m regkern inspect ...``) each rank reads a disjoint shard of that list (file i
+on rank i mod N), runs its own monitored model on ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo), and the monitors are
+combined with ``NormMonitor.all_reduce`` before rank 0 alone prints and writes: ``norms.json`` holds the statistics
+of every rank's images, its top patches name their files; the per-image figures are those of rank 0's shard.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
 
 from ..monitor import NormMonitor
 from .demo import (
@@ -27,12 +37,12 @@ from .demo import (
     load_checkpoint,
     patch_or_refuse,
     plant_artifacts,
-    resolve_device,
 )
+from .distributed import RankContext, default_workers, join
 from .images import model_view, to_rgb
 from .plotting import pyplot
 
-__all__ = ["add_inspect_arguments", "run_inspect", "collect_image_files"]
+__all__ = ["add_inspect_arguments", "run_inspect", "collect_image_files", "ImageFiles", "DisjointShardSampler"]
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +54,24 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threshold", type=float, default=150.0, help="outlier threshold on token norms (default: 150)")
-    p.add_argument("--max-images", type=int, default=None, help="read at most this many files (>= 1)")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="read at most this many files (>= 1; over all ranks under torchrun)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding images, per rank (0: in the main process; default: up to 4 per rank)",
+    )
+    p.add_argument(
+        "--max-figures",
+        type=int,
+        default=None,
+        help="per-image figures for at most this many images (default: every image rank 0 reads; 0: none)",
+    )
     p.add_argument(
         "--plant",
         type=int,
@@ -68,27 +95,52 @@ def collect_image_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _batches(
-    files: Sequence[Path], transform, batch_size: int, skipped: Callable[[Path, Exception], None]
-) -> Iterator[tuple[torch.Tensor, list[Path]]]:
-    """Batches of transformed images and their files; ``skipped(file, error)`` hears of each unreadable file."""
-    # lazy import of PIL: importing regkern does not import it
-    from PIL import Image
+class ImageFiles(Dataset):
+    """The image files as a map-style dataset: item i is (i, transformed image (3, H, W) or None, error text or None).
 
-    tensors, names = [], []
-    for f in files:
+    Decoding (PIL, ``to_rgb``, the model's transform) runs in the DataLoader's workers; an unreadable file gives its
+    error instead of raising, so one broken file never aborts the run."""
+
+    def __init__(self, files: Sequence[Path], transform):
+        self.files, self.transform = list(files), transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        # lazy import of PIL: importing regkern does not import it
+        from PIL import Image
+
         try:
-            with Image.open(f) as im:
-                tensors.append(transform(to_rgb(im)))
-            names.append(f)
-        except Exception as err:  # a broken file never aborts the run
-            skipped(f, err)
-            continue
-        if len(tensors) == batch_size:
-            yield torch.stack(tensors), names
-            tensors, names = [], []
-    if tensors:
-        yield torch.stack(tensors), names
+            with Image.open(self.files[index]) as im:
+                return index, self.transform(to_rgb(im)), None
+        except Exception as err:  # reported by the caller, with the file's name
+            return index, None, str(err)
+
+
+def collate_images(items) -> tuple[Optional[torch.Tensor], torch.Tensor, list[tuple[int, str]]]:
+    """(images (B, 3, H, W) or None, file indices (B,) int64, [(file index, error)] of the unreadable files)."""
+    good = [(i, x) for i, x, err in items if err is None]
+    bad = [(i, err) for i, _, err in items if err is not None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return images, torch.tensor([i for i, _ in good], dtype=torch.int64), bad
+
+
+class DisjointShardSampler(DistributedSampler):
+    """A ``DistributedSampler`` over the file list without its padding: rank r reads files r, r + W, r + 2W,
+    ... in order. ``DistributedSampler`` evens the shards out by repeating files, which would count them twice; here
+    the shards are disjoint and cover every file once (they differ in length by at most one)."""
+
+    def __init__(self, num_files: int, rank: int = 0, world_size: int = 1):
+        super().__init__(range(num_files), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, num_files, world_size))
+        self.total_size = num_files
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def _plot_histograms(report_dict: dict[str, object], path: Path, threshold: float) -> None:
@@ -165,77 +217,198 @@ def _plot_attention(maps: torch.Tensor, path: Path, has_cls: bool) -> None:
 
 
 def run_inspect(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, object]:
-    """Run the inspection; returns the report dict and the written files."""
-    # lazy import of timm and tqdm: importing regkern imports neither
-    from timm.data import create_transform, resolve_data_config
-    from tqdm import tqdm
-
+    """Run the inspection; returns the report dict (every rank's images) and, on rank 0, the written files."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images: expected >= 1, got {args.max_images}")
-    device = resolve_device(args.device)
-    files = collect_image_files(args.images)
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers: expected >= 0, got {workers}")
+    max_figures = getattr(args, "max_figures", None)
+    if max_figures is not None and max_figures < 0:
+        raise ValueError(f"--max-figures: expected >= 0, got {max_figures}")
+    files = collect_image_files(args.images)  # the same list, in the same order, on every rank
     if args.max_images is not None:
-        files = files[: args.max_images]
+        files = files[: args.max_images]  # global: before the shards are cut
+    context = join(args.device)
+    try:
+        return _inspect(args, context, files, out)
+    finally:
+        context.close()
+
+
+def _inspect(
+    args: argparse.Namespace, context: RankContext, files: list[Path], out: Callable[[str], None]
+) -> dict[str, object]:
+    # lazy import of timm and tqdm: importing regkern imports neither
+    from timm.data import create_transform, resolve_data_config
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    device, main_rank = context.device, context.is_main
+    say = out if main_rank else (lambda _text: None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)  # random weights (no checkpoint) are the same in every run and on every rank
     model = create_model(args.model, img_size=args.img_size)
     weights = load_checkpoint(model, args.checkpoint) if args.checkpoint else OFFLINE_NOTE
     size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     config = resolve_data_config({"input_size": (3, size, size), "crop_pct": 1.0}, model=model)
     transform = create_transform(**config)
     model = patch_or_refuse(model.eval().to(device=device, dtype=dtype), args.model)
+    if context.distributed:
+        for tensor in model.state_dict().values():  # rank 0's weights everywhere, as DDP does
+            dist.broadcast(tensor, 0)
     if args.plant is not None:
         tokens = plant_artifacts(model, args.plant)
-        out(
+        say(
             f"synthetic artifacts: patch tokens {tokens} of every image multiplied by {PLANT_FACTOR:g} before block "
             f"{args.plant}"
         )
     monitor = NormMonitor(model, threshold=args.threshold, norm_maps=True)
     has_cls = bool(monitor.has_cls)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out(f"regkern inspect: {args.model} at {size}px on {device}, {len(files)} files; weights: {weights}")
+    workers = args.workers if getattr(args, "workers", None) is not None else default_workers(context.local_world_size)
+    sampler = DisjointShardSampler(len(files), context.rank, context.world_size)
+    loader = DataLoader(
+        ImageFiles(files, transform),
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,  # batches decoded ahead while the model runs
+    )
+    if main_rank:
+        args.out.mkdir(parents=True, exist_ok=True)
+    scale = f"{context.world_size} ranks ({context.backend}), " if context.distributed else ""
+    say(
+        f"regkern inspect: {args.model} at {size}px on {device}, {scale}{len(files)} files, decoding workers per "
+        f"rank: {workers}; weights: {weights}"
+    )
     if monitor.num_prefix and not monitor.has_attention_maps(-1):
         last = monitor.attentions[-1]
-        out(f"no attention maps: {type(last).__name__} cannot report them ({last.limits_reason})")
+        say(f"no attention maps: {type(last).__name__} cannot report them ({last.limits_reason})")
+    max_figures = getattr(args, "max_figures", None)
+    figures_left = (len(files) if max_figures is None else max_figures) if main_rank else 0
     written: list[Path] = []
     seen = 0
-    skipped: list[Path] = []
-    progress = tqdm(total=len(files), unit="img", desc="inspect")
+    skipped: list[tuple[str, str]] = []
+    desc = f"inspect (rank 0 of {context.world_size})" if context.distributed else "inspect"
+    progress = tqdm(total=len(sampler), unit="img", desc=desc, disable=not main_rank)
 
-    def skip(f: Path, err: Exception) -> None:
-        progress.write(f"skipping {f}: {err}")
-        skipped.append(f)
-        progress.update(1)  # the bar counts files, read or not, so it reaches its total
-
-    for x, names in _batches(files, transform, args.batch_size, skip):
+    start = time.perf_counter()
+    for x, indices, unreadable in loader:
+        for index, err in unreadable:
+            if main_rank:
+                progress.write(f"skipping {files[index]}: {err}")
+            skipped.append((str(files[index]), err))
+        progress.update(len(unreadable))  # the bar counts files, read or not, so it reaches its total
+        if x is None:
+            continue
+        monitor.track_samples(indices)  # the top patches are named by file index
         with torch.inference_mode():
-            model(x.to(device=device, dtype=dtype))
-        norm_maps = monitor.norm_maps(-1)
-        attention = monitor.attention_maps(-1) if monitor.has_attention_maps(-1) else None
-        for i, name in enumerate(names):
-            stem = f"{seen:04d}_{name.stem}"
-            path = args.out / f"norm_map_{stem}.png"
-            # the very tensor the model got, un-normalised: the panel shows its resize and crop exactly
-            _plot_norm_map(model_view(x[i], config["mean"], config["std"]), norm_maps[i], path, args.threshold)
-            written.append(path)
-            if attention is not None:
-                path = args.out / f"attention_{stem}.png"
-                _plot_attention(attention[i], path, has_cls)
-                written.append(path)
-            seen += 1
-        progress.update(len(names))
+            model(x.to(device=device, dtype=dtype, non_blocking=True))
+        seen += len(indices)
+        if figures_left > 0:
+            written += _plot_batch(args, monitor, x, indices[:figures_left].tolist(), files, config, has_cls)
+            figures_left -= min(figures_left, len(indices))
+        progress.update(len(indices))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
     progress.close()
-    if seen == 0:
+
+    mine = {"images": seen, "seconds": elapsed, "skipped": skipped}
+    if context.distributed:
+        monitor.all_reduce()
+        ranks: list[dict[str, object]] = [{} for _ in range(context.world_size)]
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    for r, other in enumerate(ranks[1:], start=1):
+        for name, err in other["skipped"]:
+            say(f"rank {r} skipped {name}: {err}")
+    images = sum(r["images"] for r in ranks)
+    all_skipped = sorted(name for r in ranks for name, _ in r["skipped"])
+    if images == 0:
         raise ValueError("IMAGES_OR_DIR: none of the files could be read as an image")
+    throughput = {
+        "images": images,
+        "seconds": max(r["seconds"] for r in ranks),
+        "images_per_second": images / max(max(r["seconds"] for r in ranks), 1e-9),
+        "per_rank_images_per_second": [r["images"] / max(r["seconds"], 1e-9) for r in ranks],
+    }
     report = monitor.report()
     report_dict = report.to_dict()
-    (args.out / "norms.json").write_text(json.dumps(report_dict, indent=1))
-    _plot_histograms(report_dict, args.out / "norm_histograms.png", args.threshold)
-    written = [args.out / "norms.json", args.out / "norm_histograms.png"] + written
-    out(str(report))
-    out(f"{seen} images inspected; wrote {len(written)} files to {args.out}")
-    return {"report": report_dict, "files": written, "images": seen, "skipped": skipped}
+    report_dict["top_patches"] = _named_top_patches(report.top_patches, files, monitor)
+    report_dict["run"] = {
+        "model": args.model,
+        "image_size": size,
+        "files": len(files),
+        "images": images,
+        "skipped": all_skipped,
+        "world_size": context.world_size,
+        "throughput": throughput,
+    }
+    if main_rank:
+        (args.out / "norms.json").write_text(json.dumps(report_dict, indent=1))
+        _plot_histograms(report_dict, args.out / "norm_histograms.png", args.threshold)
+        written = [args.out / "norms.json", args.out / "norm_histograms.png"] + written
+    # the report's own top-patch lines name images by index; these name their files
+    say(str(dataclasses.replace(report, top_patches=[[] for _ in report.top_patches])))
+    for layer in sorted({r["layer"] for r in report.rows if r["outliers"]}):
+        top = ", ".join(
+            f"{p['norm']:.1f} ({p['file']}, row {p['row']}, col {p['col']})"
+            for p in report_dict["top_patches"][layer][:3]
+        )
+        say(f"layer {layer}: largest patch norms of all images: {top}")
+    per_rank = ", ".join(f"{v:.1f}" for v in throughput["per_rank_images_per_second"])
+    say(
+        f"throughput: {throughput['images_per_second']:.1f} images/s in {throughput['seconds']:.1f} s"
+        + (f" over {context.world_size} ranks ({per_rank} images/s each)" if context.distributed else "")
+    )
+    say(f"{images} images inspected; wrote {len(written)} files to {args.out}")
+    return {
+        "report": report_dict,
+        "files": written,
+        "images": images,
+        "skipped": [Path(name) for name in all_skipped],
+        "throughput": throughput,
+    }
+
+
+def _plot_batch(args, monitor: NormMonitor, x: torch.Tensor, indices: list[int], files, config, has_cls) -> list[Path]:
+    """The per-image figures of a batch's first ``len(indices)`` images, named by their index in the file list."""
+    norm_maps = monitor.norm_maps(-1)
+    attention = monitor.attention_maps(-1) if monitor.has_attention_maps(-1) else None
+    written = []
+    for i, index in enumerate(indices):
+        stem = f"{index:04d}_{files[index].stem}"
+        path = args.out / f"norm_map_{stem}.png"
+        # the very tensor the model got, un-normalised: the panel shows its resize and crop exactly
+        _plot_norm_map(model_view(x[i], config["mean"], config["std"]), norm_maps[i], path, args.threshold)
+        written.append(path)
+        if attention is not None:
+            path = args.out / f"attention_{stem}.png"
+            _plot_attention(attention[i], path, has_cls)
+            written.append(path)
+    return written
+
+
+def _named_top_patches(top_patches, files: Sequence[Path], monitor: NormMonitor) -> list[list[dict[str, object]]]:
+    """The tracked top patches per layer with their file, token index and (row, col) on the patch grid."""
+    width = monitor.grid_size[1] if len(monitor.grid_size) == 2 else None
+    named = []
+    for layer in top_patches:
+        entries = []
+        for norm, index, token in layer:
+            patch = token - monitor.num_prefix
+            row, col = (patch // width, patch % width) if width else (None, None)
+            entries.append(
+                {"norm": norm, "file": str(files[index]), "file_index": index, "token": token, "row": row, "col": col}
+            )
+        named.append(entries)
+    return named
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .. import reference
@@ -58,7 +59,10 @@ class NormReport:
 
     rows: one dict per (layer, group) with count, mean, std, max, outliers, outlier_fraction, histogram.
     bin_edges: the histogram's log-spaced edges (len = bins + 1; the first and last bins also hold values beyond).
-    top_patches: per layer, the largest patch norms of the last batch as (norm, batch index, token index).
+    top_patches: per layer, the largest patch norms as (norm, image, token index): by default those of the last batch,
+        ``image`` being the index in that batch; with ``NormMonitor.track_samples`` those since ``reset()`` over all
+        batches (and, after ``all_reduce``, all ranks), ``image`` being the sample id the caller gave.
+    top_patches_scope: "last batch" or "since reset" (which of the two ``top_patches`` holds).
     attention_share: per layer, the mean share of attention each key group receives (rows sum to 1); None for a
         layer whose attention was not measured (printed as n/a).
     """
@@ -68,6 +72,7 @@ class NormReport:
     rows: list[dict[str, object]]
     top_patches: list[list[tuple[float, int, int]]]
     attention_share: list[dict[str, float]] = field(default_factory=list)
+    top_patches_scope: str = "last batch"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -75,6 +80,7 @@ class NormReport:
             "bin_edges": self.bin_edges,
             "rows": self.rows,
             "top_patches": self.top_patches,
+            "top_patches_scope": self.top_patches_scope,
             "attention_share": self.attention_share,
         }
 
@@ -98,9 +104,9 @@ class NormReport:
                 line += f" | {_share_text(self.attention_share[row['layer']][row['group']])}"
             lines.append(line)
         outlier_layers = sorted({r["layer"] for r in self.rows if r["outliers"]})
-        for layer in outlier_layers:
+        for layer in (layer for layer in outlier_layers if self.top_patches[layer]):
             top = ", ".join(f"{v:.1f} (image {b}, token {t})" for v, b, t in self.top_patches[layer][:3])
-            lines.append(f"layer {layer}: largest patch norms of the last batch: {top}")
+            lines.append(f"layer {layer}: largest patch norms ({self.top_patches_scope}): {top}")
         if has_share and any(s.get("kv_registers") for s in self.attention_share):
             lines.append(
                 "attention share of KV-only registers per layer: "
@@ -239,6 +245,15 @@ class NormMonitor:
         #: flat (B, N - P) index; -1 = none); decoded by ``report()``
         self.top_keys = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
         self._top_positions_scratch = torch.empty((L, top_k), dtype=torch.int64, device=device)  # topk's indices
+        #: with ``track_samples``: the largest patch norms since reset per layer, as norm, sample id and token index
+        #: (-inf / -1 = none)
+        self.tracked_norms = torch.full((L, top_k), -math.inf, dtype=torch.float32, device=device)
+        self.tracked_samples = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
+        self.tracked_tokens = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
+        self._sample_ids: Optional[torch.Tensor] = None
+        #: what all_reduce added from the other ranks to the summed accumulators (subtracted again by the next call,
+        #: so that repeated calls never count a rank twice); None before the first call or after reset()
+        self._from_other_ranks: Optional[list[torch.Tensor]] = None
         self._patches_per_image: dict[int, int] = {}
         self.share_sum = torch.zeros(L, len(ATTENTION_GROUPS), dtype=torch.float64, device=device)
         self.share_count = torch.zeros(L, dtype=torch.int64, device=device)
@@ -298,7 +313,13 @@ class NormMonitor:
 
     @torch.no_grad()
     def _record_norms(
-        self, layer: int, candidates: torch.Tensor, prefix_norms: torch.Tensor, patch_norms: torch.Tensor, tokens: int
+        self,
+        layer: int,
+        candidates: torch.Tensor,
+        prefix_norms: torch.Tensor,
+        patch_norms: torch.Tensor,
+        tokens: int,
+        batch: int,
     ) -> None:
         # the kernel has already added count, sum, sum_sq, max, histogram (and absolute-threshold outliers)
         self._patches_per_image[layer] = tokens - self.num_prefix
@@ -313,6 +334,27 @@ class NormMonitor:
             self.top_keys[layer].fill_(-1)
         if k:
             torch.topk(candidates, k, out=(self.top_keys[layer, :k], self._top_positions_scratch[layer, :k]))
+        if self._sample_ids is not None:
+            self._merge_tracked(layer, tokens - self.num_prefix, batch)
+
+    def _merge_tracked(self, layer: int, patches: int, batch: int) -> None:
+        # this batch's top keys -> (norm, sample id, token), merged with the running top-k: a few small ops, no sync
+        ids = self._sample_ids
+        if ids.shape[0] != batch:
+            raise ValueError(f"track_samples: {ids.shape[0]} sample ids were given for a batch of {batch} images")
+        keys = self.top_keys[layer]
+        valid = keys >= 0
+        norms, flat = reference.unpack_norm_keys(keys.clamp_min(0))
+        image = (flat // max(patches, 1)).clamp_max(batch - 1)
+        norms = torch.cat((self.tracked_norms[layer], torch.where(valid, norms, -math.inf)))
+        samples = torch.cat((self.tracked_samples[layer], torch.where(valid, ids[image], -1)))
+        tokens = torch.cat(
+            (self.tracked_tokens[layer], torch.where(valid, flat % max(patches, 1) + self.num_prefix, -1))
+        )
+        best, order = torch.topk(norms, self.top_k)
+        self.tracked_norms[layer].copy_(best)
+        self.tracked_samples[layer].copy_(samples[order])
+        self.tracked_tokens[layer].copy_(tokens[order])
 
     @torch.no_grad()
     def _record_attention(self, layer: int, stats) -> None:
@@ -345,6 +387,88 @@ class NormMonitor:
             attn.set_monitoring()
         self.enabled = False
 
+    def track_samples(self, sample_ids: Optional[torch.Tensor]) -> None:
+        """Name the images of the next forward(s): ``sample_ids`` (B,) int64, e.g. dataset indices, one per image of
+        the batch. While set, ``report().top_patches`` are the largest patch norms since ``reset()`` over every batch
+        (as (norm, sample id, token)), not only the last batch's; give each batch its ids before its forward (a
+        mismatched batch size raises). None stops tracking: ``report()`` then gives the last batch's top patches
+        again (what was tracked is kept until ``reset()``).
+
+        The ids are copied to the model's device without a host synchronisation; what is tracked survives
+        ``all_reduce`` (the largest over all ranks, each patch once)."""
+        if sample_ids is None:
+            self._sample_ids = None
+            return
+        if not isinstance(sample_ids, torch.Tensor):
+            raise TypeError(f"sample_ids: expected a 1-D int64 tensor, got {type(sample_ids).__name__}")
+        if sample_ids.dim() != 1 or sample_ids.dtype != torch.int64:
+            raise ValueError(
+                f"sample_ids: expected a 1-D int64 tensor (one id per image), got {sample_ids.dtype} of shape "
+                f"{tuple(sample_ids.shape)}"
+            )
+        self._sample_ids = sample_ids.to(self.count.device, non_blocking=True)
+
+    def _summed_accumulators(self) -> list[torch.Tensor]:
+        return [self.count, self.sum, self.sum_sq, self.outliers, self.histogram, self.share_sum, self.share_count]
+
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> None:
+        """Combine the accumulators of every rank of ``group`` (None: the default process group of
+        ``torch.distributed``) in place, so that ``report()`` on any rank gives the statistics of all ranks' data.
+
+        Counts, sums, sums of squares, outliers, histograms and attention shares are summed, maxima take the maximum,
+        and the tracked top patches (``track_samples``) are gathered and the ``top_k`` largest kept, each (sample id,
+        token) once. Safe to call repeatedly, with or without forwards in between: each call first takes back what
+        the previous one added from the other ranks, so nothing is counted twice. Every rank of the group must call
+        it (a collective; on NCCL the accumulators' device must be the rank's current CUDA device). Without
+        ``track_samples`` the top patches stay this rank's last batch (their batch indices are local). ``reset()``
+        starts over on this rank only."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "all_reduce: torch.distributed is not initialised (call torch.distributed.init_process_group, or "
+                "launch with torchrun)"
+            )
+        summed = self._summed_accumulators()
+        previous = self._from_other_ranks or [torch.zeros_like(t) for t in summed]
+        local = [t - p for t, p in zip(summed, previous)]
+        # two collectives for the sums: every integer accumulator in one int64 buffer, every float one in a float64 one
+        totals = []
+        for dtype in (torch.int64, torch.float64):
+            parts = [t for t in local if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in parts])
+            dist.all_reduce(flat, group=group)
+            totals += list(torch.split(flat, [t.numel() for t in parts]))
+        by_dtype = iter(totals[: sum(t.dtype == torch.int64 for t in local)])
+        by_float = iter(totals[sum(t.dtype == torch.int64 for t in local) :])
+        self._from_other_ranks = []
+        for t, mine in zip(summed, local):
+            total = next(by_dtype if t.dtype == torch.int64 else by_float).reshape(t.shape)
+            self._from_other_ranks.append(total - mine)
+            t.copy_(total)
+        dist.all_reduce(self.max, op=dist.ReduceOp.MAX, group=group)
+        self._all_gather_tracked(group)
+
+    def _all_gather_tracked(self, group) -> None:
+        world = dist.get_world_size(group)
+        mine = torch.stack((self.tracked_norms.double(), self.tracked_samples.double(), self.tracked_tokens.double()))
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group)
+        every = torch.cat(gathered, dim=-1).cpu()  # (3, L, world * top_k): small, merged on the host
+        for layer in range(every.shape[1]):
+            best: dict[tuple[int, int], float] = {}
+            for norm, sample, token in every[:, layer].T.tolist():
+                if sample >= 0:  # the same patch from several ranks (after an earlier all_reduce) counts once
+                    best[(int(sample), int(token))] = norm
+            ranked = sorted(best.items(), key=lambda item: (-item[1], item[0]))[: self.top_k]
+            self.tracked_norms[layer].fill_(-math.inf)
+            self.tracked_samples[layer].fill_(-1)
+            self.tracked_tokens[layer].fill_(-1)
+            if ranked:
+                n = len(ranked)
+                self.tracked_norms[layer, :n].copy_(torch.tensor([v for _, v in ranked], dtype=torch.float32))
+                self.tracked_samples[layer, :n].copy_(torch.tensor([k[0] for k, _ in ranked], dtype=torch.int64))
+                self.tracked_tokens[layer, :n].copy_(torch.tensor([k[1] for k, _ in ranked], dtype=torch.int64))
+
     def reset(self) -> None:
         """Zero every accumulator (in place: buffers keep their addresses for CUDA graphs)."""
         for t in (
@@ -359,6 +483,10 @@ class NormMonitor:
         ):
             t.zero_()
         self.top_keys.fill_(-1)
+        self.tracked_norms.fill_(-math.inf)
+        self.tracked_samples.fill_(-1)
+        self.tracked_tokens.fill_(-1)
+        self._from_other_ranks = None
         # last_prefix_rows are the latest observations, not accumulators: kept (a captured CUDA graph refills them)
 
     def remove(self) -> None:
@@ -389,6 +517,9 @@ class NormMonitor:
             "share_sum",
             "share_count",
         )
+        tracking = self._sample_ids is not None
+        if tracking:  # sample ids travel as float64: exact below 2**53
+            names += ("tracked_norms", "tracked_samples", "tracked_tokens")
         # the int64 keys travel as two exact halves (a float64 holds 53 bits)
         parts = {"top_keys_high": self.top_keys >> 32, "top_keys_low": self.top_keys & 0xFFFFFFFF}
         tensors = [parts[n] if n in parts else getattr(self, n) for n in names]
@@ -417,7 +548,15 @@ class NormMonitor:
                     }
                 )
         top = []
-        for layer in range(len(self.blocks)):
+        if tracking:
+            for layer in range(len(self.blocks)):
+                rows_of_layer = zip(
+                    host["tracked_norms"][layer].tolist(),
+                    host["tracked_samples"][layer].long().tolist(),
+                    host["tracked_tokens"][layer].long().tolist(),
+                )
+                top.append([(v, i, t) for v, i, t in rows_of_layer if i >= 0])
+        for layer in range(0 if tracking else len(self.blocks)):
             M = max(self._patches_per_image.get(layer, 1), 1)
             keys = (host["top_keys_high"][layer].long() << 32) | host["top_keys_low"][layer].long()
             values, flat = reference.unpack_norm_keys(keys[keys >= 0])
@@ -433,7 +572,8 @@ class NormMonitor:
                     }
                 )
         threshold = f"> {self.relative:g} x median patch norm" if self.relative is not None else f"> {self.threshold:g}"
-        return NormReport(threshold, [float(e) for e in self.bin_edges], rows, top, share)
+        scope = "since reset" if tracking else "last batch"
+        return NormReport(threshold, [float(e) for e in self.bin_edges], rows, top, share, scope)
 
     def _grid(self, num_patches: int) -> tuple[int, int]:
         # the last input's grid first (dynamic_img_size), then the configured one, then a square

@@ -56,9 +56,9 @@ class MonitoredLayerNorm(nn.LayerNorm):
             (B, N, C), and each forward adds its token-norm statistics per group (CLS, registers, patches) to them in
             the same pass (on "triton", inside the kernel).
         group_norm_sink: None or a callable; with ``norm_accumulators`` set, ``forward`` calls
-            ``group_norm_sink(candidates, prefix_norms, patch_norms, N)``: the top-k candidates (int64 packed keys,
+            ``group_norm_sink(candidates, prefix_norms, patch_norms, N, B)``: the top-k candidates (int64 packed keys,
             ``reference.patch_norm_keys``), the (B, P) and (B, N - P) float32 norms ((0,) unless
-            ``norm_accumulators.write_norms``) and the tokens per image.
+            ``norm_accumulators.write_norms``), the tokens per image and the images in the batch.
         backend_name, backend_reason: the backend forward runs and why.
 
     Shapes: ``forward(x)`` takes x (..., C) and returns y of x's shape and dtype.
@@ -168,7 +168,7 @@ class MonitoredLayerNorm(nn.LayerNorm):
                 x, self.weight, self.bias, float(self.eps), acc, self._backend_choice.name
             )
             if self.group_norm_sink is not None:
-                self.group_norm_sink(candidates, prefix_norms, patch_norms, x.shape[1])
+                self.group_norm_sink(candidates, prefix_norms, patch_norms, x.shape[1], x.shape[0])
             if self.norm_sink is not None:
                 self.norm_sink(torch.cat((prefix_norms, patch_norms), dim=1))
             return y

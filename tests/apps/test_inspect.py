@@ -44,8 +44,8 @@ def test_inspect_writes_every_file_and_skips_broken_images(tmp_path, image_dir, 
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == sorted(
         ["norms.json", "norm_histograms.png"]
-        + [f"norm_map_000{i}_im{i}.png" for i in range(3)]
-        + [f"attention_000{i}_im{i}.png" for i in range(3)]
+        + [f"norm_map_000{i + 1}_im{i}.png" for i in range(3)]
+        + [f"attention_000{i + 1}_im{i}.png" for i in range(3)]
     )
     for name in names:
         if name.endswith(".png"):

@@ -362,3 +362,68 @@ def test_parallel_blocks_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"model.blocks\[0\]: RegisterParallelScalingBlock feeds attention and MLP"):
         regkern.NormMonitor(model)
     assert regkern.get_monitor(model) is None
+
+
+def test_tracked_samples_keep_the_largest_patches_over_every_batch(images):
+    """With track_samples, top_patches are the largest since reset over all batches, named by the caller's ids."""
+    model = build_model()
+    plant(model)  # batch index 0, patch 3 and batch index 1, patch 7 of every batch
+    monitor = regkern.NormMonitor(model, top_k=3)
+    P = model.num_prefix_tokens
+    batches = [(images, torch.tensor([10, 11])), (images.flip(0) * 1.5, torch.tensor([20, 21]))]
+    expected = []
+    for x, ids in batches:
+        monitor.track_samples(ids)
+        with torch.no_grad():
+            model(x)
+        assert monitor.report().top_patches_scope == "since reset"
+    monitor.track_samples(None)
+    last = monitor.report()
+    assert last.top_patches_scope == "last batch"
+    monitor.track_samples(torch.tensor([0, 1]))  # tracking again: the tracked values are still there
+    tracked = monitor.report().top_patches
+    # the independent answer: every batch's norms per layer, named by sample id
+    for x, ids in batches:
+        fresh = build_model()
+        plant(fresh)
+        for layer, norms in enumerate(residual_norms(fresh, x)):
+            for b in range(norms.shape[0]):
+                for t in range(P, norms.shape[1]):
+                    expected.append((layer, norms[b, t].item(), int(ids[b]), t))
+    for layer in range(DEPTH):
+        want = sorted((e for e in expected if e[0] == layer), key=lambda e: -e[1])[:3]
+        got = tracked[layer]
+        assert [(i, t) for _, i, t in got] == [(i, t) for _, _, i, t in want], layer
+        assert all(math.isclose(v, w[1], rel_tol=1e-5) for (v, _, _), w in zip(got, want))
+    assert "since reset" in str(monitor.report())
+    monitor.reset()
+    assert monitor.report().top_patches == [[] for _ in range(DEPTH)]
+
+
+def test_track_samples_checks_its_argument(images):
+    monitor = regkern.NormMonitor(build_model())
+    with pytest.raises(TypeError, match="sample_ids"):
+        monitor.track_samples([1, 2])
+    with pytest.raises(ValueError, match="sample_ids: expected a 1-D int64"):
+        monitor.track_samples(torch.tensor([1.0, 2.0]))
+    monitor.track_samples(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="3 sample ids were given for a batch of 2"):
+        with torch.no_grad():
+            monitor.model(images)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        monitor.all_reduce()
+
+
+def test_all_reduce_on_two_gloo_ranks_equals_one_monitor_over_all_data():
+    """tests/monitor/dist_all_reduce.py under torchrun: sums, maxima, histograms and tracked top patches combined;
+    repeated calls count nothing twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("dist_all_reduce.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, log
+    assert "ALL_REDUCE OK" in result.stdout, log
