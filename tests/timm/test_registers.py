@@ -471,3 +471,17 @@ def test_ddp_register_finetune():
     log = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, log
     assert "DDP OK" in result.stdout, log
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+
+
+def test_fsdp2_register_finetune_matches_single_process_training():
+    """tests/timm/fsdp_register_finetune.py: fully_shard per block, 2 gloo ranks, registers only."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed.fsdp.fully_shard (FSDP2)")
+    script = Path(__file__).with_name("fsdp_register_finetune.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, log
+    assert "FSDP2 OK" in result.stdout, log
