@@ -297,7 +297,15 @@ def _inspect(
     progress = tqdm(total=len(sampler), unit="img", desc=desc, disable=not main_rank)
 
     start = time.perf_counter()
-    for x, indices, unreadable in loader:
+    waited = 0.0  # seconds blocked on the DataLoader: decoding that did not keep up with the model
+    batches = iter(loader)
+    while True:
+        before = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - before
+        if batch is None:
+            break
+        x, indices, unreadable = batch
         for index, err in unreadable:
             if main_rank:
                 progress.write(f"skipping {files[index]}: {err}")
@@ -318,7 +326,7 @@ def _inspect(
     elapsed = time.perf_counter() - start
     progress.close()
 
-    mine = {"images": seen, "seconds": elapsed, "skipped": skipped}
+    mine = {"images": seen, "seconds": elapsed, "waited": waited, "skipped": skipped}
     if context.distributed:
         monitor.all_reduce()
         ranks: list[dict[str, object]] = [{} for _ in range(context.world_size)]
@@ -337,6 +345,7 @@ def _inspect(
         "seconds": max(r["seconds"] for r in ranks),
         "images_per_second": images / max(max(r["seconds"] for r in ranks), 1e-9),
         "per_rank_images_per_second": [r["images"] / max(r["seconds"], 1e-9) for r in ranks],
+        "per_rank_seconds_waiting_for_images": [r["waited"] for r in ranks],
     }
     report = monitor.report()
     report_dict = report.to_dict()
@@ -363,9 +372,13 @@ def _inspect(
         )
         say(f"layer {layer}: largest patch norms of all images: {top}")
     per_rank = ", ".join(f"{v:.1f}" for v in throughput["per_rank_images_per_second"])
+    waits = ", ".join(f"{w:.1f}" for w in throughput["per_rank_seconds_waiting_for_images"])
     say(
         f"throughput: {throughput['images_per_second']:.1f} images/s in {throughput['seconds']:.1f} s"
         + (f" over {context.world_size} ranks ({per_rank} images/s each)" if context.distributed else "")
+        + f"; waiting for decoded images: {waits} s"
+        + (" per rank" if context.distributed else "")
+        + " (more --workers if large)"
     )
     say(f"{images} images inspected; wrote {len(written)} files to {args.out}")
     return {

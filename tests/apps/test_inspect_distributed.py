@@ -119,3 +119,13 @@ def test_max_figures_limits_the_per_image_figures(tmp_path, image_folder):
     assert names == ["attention_0001_im0.png", "norm_histograms.png", "norm_map_0001_im0.png", "norms.json"]
     report = json.loads((out_dir / "norms.json").read_text())
     assert report["run"]["images"] == 3 and report["rows"][0]["count"] == 3
+
+
+@pytest.mark.gpu
+def test_inspect_on_the_gpu_with_workers_and_pinned_memory(tmp_path, image_folder):
+    argv = [str(image_folder), "--img-size", "56", "--batch-size", "3", "--plant", "2", "--workers", "2"]
+    result, report = _inspect([*argv, "--device", "cuda"], tmp_path / "gpu", 1)
+    assert report["run"]["images"] == 8 and report["rows"][0]["count"] == 8
+    patches = [r for r in report["rows"] if r["group"] == "patches"]
+    assert [r["outliers"] for r in patches] == [0, 0] + [16] * 10
+    assert "throughput:" in result.stdout

@@ -60,3 +60,31 @@ def test_fused_norm_reductions_agree_on_gpu():
             assert (got["count"], got["outliers"]) == (want["count"], want["outliers"]), name
             assert sum(abs(a - b) for a, b in zip(got["histogram"], want["histogram"])) <= 2, name  # edge ties
             assert got["mean"] == pytest.approx(want["mean"], rel=1e-5, abs=1e-6), name
+
+
+def test_all_reduce_and_tracked_samples_on_an_nccl_group_of_one(tmp_path):
+    """The NCCL path of all_reduce (device tensors; one rank: the report must not change, however often called)."""
+    import torch.distributed as dist
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56).cuda().eval()
+    monitor = regkern.NormMonitor(model, top_k=4)
+    for step in range(2):
+        monitor.track_samples(torch.arange(4) + 4 * step)
+        with torch.no_grad():
+            model(torch.randn(4, 3, 56, 56, device="cuda"))
+    before = monitor.report()
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        monitor.all_reduce()
+        monitor.all_reduce()
+        after = monitor.report()
+    finally:
+        dist.destroy_process_group()
+    assert [r["count"] for r in after.rows] == [r["count"] for r in before.rows]
+    assert [r["histogram"] for r in after.rows] == [r["histogram"] for r in before.rows]
+    assert [[(i, t) for _, i, t in layer] for layer in after.top_patches] == [
+        [(i, t) for _, i, t in layer] for layer in before.top_patches
+    ]
+    assert all(0 <= i < 8 for layer in after.top_patches for _, i, _ in layer)
