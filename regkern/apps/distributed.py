@@ -100,6 +100,8 @@ def join(device: Optional[str]) -> RankContext:
         dist.init_process_group(backend)
     else:
         backend = dist.get_backend()
+        if backend == "nccl" and resolved.type != "cuda":
+            raise ValueError(f"--device: the process group is NCCL, which needs CUDA tensors; got {resolved}")
     return RankContext(resolved, rank, world, local_rank, local_world, backend, owns)
 
 

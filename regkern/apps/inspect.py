@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -247,10 +248,19 @@ def _inspect(
     from tqdm import tqdm
 
     device, main_rank = context.device, context.is_main
+    if context.distributed:  # every rank must shard the same list, or files are read twice or never
+        listed: list[object] = [None] * context.world_size
+        dist.all_gather_object(listed, (len(files), hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()))
+        if any(other != listed[0] for other in listed):
+            counts = ", ".join(f"rank {r}: {n} files" for r, (n, _) in enumerate(listed))
+            raise ValueError(
+                f"IMAGES_OR_DIR: the ranks list different files ({counts}); every node must see the same paths"
+            )
     say = out if main_rank else (lambda _text: None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)  # random weights (no checkpoint) are the same in every run and on every rank
-    model = create_model(args.model, img_size=args.img_size)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(0)  # random weights (no checkpoint) are the same in every run and on every rank
+        model = create_model(args.model, img_size=args.img_size)
     weights = load_checkpoint(model, args.checkpoint) if args.checkpoint else OFFLINE_NOTE
     size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     config = resolve_data_config({"input_size": (3, size, size), "crop_pct": 1.0}, model=model)
@@ -276,7 +286,7 @@ def _inspect(
         num_workers=workers,
         collate_fn=collate_images,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,  # batches decoded ahead while the model runs
+        prefetch_factor=2 if workers else None,  # batches decoded ahead while the model runs
     )
     if main_rank:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -298,6 +308,7 @@ def _inspect(
 
     start = time.perf_counter()
     waited = 0.0  # seconds blocked on the DataLoader: decoding that did not keep up with the model
+    drawing = 0.0  # seconds drawing per-image figures (rank 0): part of the time, not of the model's
     batches = iter(loader)
     while True:
         before = time.perf_counter()
@@ -315,11 +326,14 @@ def _inspect(
             continue
         monitor.track_samples(indices)  # the top patches are named by file index
         with torch.inference_mode():
-            model(x.to(device=device, dtype=dtype, non_blocking=True))
+            # to the device first: a copy that also converts would convert on the CPU, from unpinned memory
+            model(x.to(device=device, non_blocking=True).to(dtype))
         seen += len(indices)
         if figures_left > 0:
+            before = time.perf_counter()
             written += _plot_batch(args, monitor, x, indices[:figures_left].tolist(), files, config, has_cls)
             figures_left -= min(figures_left, len(indices))
+            drawing += time.perf_counter() - before
         progress.update(len(indices))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -346,6 +360,7 @@ def _inspect(
         "images_per_second": images / max(max(r["seconds"] for r in ranks), 1e-9),
         "per_rank_images_per_second": [r["images"] / max(r["seconds"], 1e-9) for r in ranks],
         "per_rank_seconds_waiting_for_images": [r["waited"] for r in ranks],
+        "rank0_seconds_drawing_figures": drawing if main_rank else None,
     }
     report = monitor.report()
     report_dict = report.to_dict()
@@ -365,7 +380,7 @@ def _inspect(
         written = [args.out / "norms.json", args.out / "norm_histograms.png"] + written
     # the report's own top-patch lines name images by index; these name their files
     say(str(dataclasses.replace(report, top_patches=[[] for _ in report.top_patches])))
-    for layer in sorted({r["layer"] for r in report.rows if r["outliers"]}):
+    for layer in sorted({r["layer"] for r in report.rows if r["outliers"] and report_dict["top_patches"][r["layer"]]}):
         top = ", ".join(
             f"{p['norm']:.1f} ({p['file']}, row {p['row']}, col {p['col']})"
             for p in report_dict["top_patches"][layer][:3]
@@ -379,6 +394,7 @@ def _inspect(
         + f"; waiting for decoded images: {waits} s"
         + (" per rank" if context.distributed else "")
         + " (more --workers if large)"
+        + (f"; drawing figures: {drawing:.1f} s (--max-figures N to draw fewer)" if drawing else "")
     )
     say(f"{images} images inspected; wrote {len(written)} files to {args.out}")
     return {

@@ -251,6 +251,9 @@ class NormMonitor:
         self.tracked_samples = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
         self.tracked_tokens = torch.full((L, top_k), -1, dtype=torch.int64, device=device)
         self._sample_ids: Optional[torch.Tensor] = None
+        #: another rank tracked samples (seen by all_reduce): this rank reports the gathered top patches too, even if
+        #: it never called track_samples (e.g. a rank whose shard held no readable image)
+        self._tracked_by_peers = False
         #: what all_reduce added from the other ranks to the summed accumulators (subtracted again by the next call,
         #: so that repeated calls never count a rank twice); None before the first call or after reset()
         self._from_other_ranks: Optional[list[torch.Tensor]] = None
@@ -395,7 +398,8 @@ class NormMonitor:
         again (what was tracked is kept until ``reset()``).
 
         The ids are copied to the model's device without a host synchronisation; what is tracked survives
-        ``all_reduce`` (the largest over all ranks, each patch once)."""
+        ``all_reduce`` (the largest over all ranks, each patch once; a rank that tracked nothing reports them too).
+        Not for CUDA graphs: a captured forward keeps reading the ids tensor of its capture."""
         if sample_ids is None:
             self._sample_ids = None
             return
@@ -421,8 +425,9 @@ class NormMonitor:
         token) once. Safe to call repeatedly, with or without forwards in between: each call first takes back what
         the previous one added from the other ranks, so nothing is counted twice. Every rank of the group must call
         it (a collective; on NCCL the accumulators' device must be the rank's current CUDA device). Without
-        ``track_samples`` the top patches stay this rank's last batch (their batch indices are local). ``reset()``
-        starts over on this rank only."""
+        ``track_samples`` (on any rank) the top patches stay this rank's last batch (their batch indices are local).
+        ``reset()`` starts over on this rank only. The float64 sums may move by rounding (about 1e-16 relative) from
+        one call to the next, as the previous call's share of the other ranks is subtracted again."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "all_reduce: torch.distributed is not initialised (call torch.distributed.init_process_group, or "
@@ -446,6 +451,9 @@ class NormMonitor:
             self._from_other_ranks.append(total - mine)
             t.copy_(total)
         dist.all_reduce(self.max, op=dist.ReduceOp.MAX, group=group)
+        tracking = torch.tensor([int(self._sample_ids is not None or self._tracked_by_peers)], device=self.max.device)
+        dist.all_reduce(tracking, op=dist.ReduceOp.MAX, group=group)
+        self._tracked_by_peers = bool(tracking.item())
         self._all_gather_tracked(group)
 
     def _all_gather_tracked(self, group) -> None:
@@ -487,6 +495,7 @@ class NormMonitor:
         self.tracked_samples.fill_(-1)
         self.tracked_tokens.fill_(-1)
         self._from_other_ranks = None
+        self._tracked_by_peers = False
         # last_prefix_rows are the latest observations, not accumulators: kept (a captured CUDA graph refills them)
 
     def remove(self) -> None:
@@ -517,7 +526,7 @@ class NormMonitor:
             "share_sum",
             "share_count",
         )
-        tracking = self._sample_ids is not None
+        tracking = self._sample_ids is not None or self._tracked_by_peers
         if tracking:  # sample ids travel as float64: exact below 2**53
             names += ("tracked_norms", "tracked_samples", "tracked_tokens")
         # the int64 keys travel as two exact halves (a float64 holds 53 bits)
@@ -555,7 +564,10 @@ class NormMonitor:
                     host["tracked_samples"][layer].long().tolist(),
                     host["tracked_tokens"][layer].long().tolist(),
                 )
-                top.append([(v, i, t) for v, i, t in rows_of_layer if i >= 0])
+                # ties in one order on every rank and at any scale: larger norm, then sample id, then token
+                top.append(
+                    sorted(((v, i, t) for v, i, t in rows_of_layer if i >= 0), key=lambda e: (-e[0], e[1], e[2]))
+                )
         for layer in range(0 if tracking else len(self.blocks)):
             M = max(self._patches_per_image.get(layer, 1), 1)
             keys = (host["top_keys_high"][layer].long() << 32) | host["top_keys_low"][layer].long()

@@ -83,6 +83,16 @@ def test_one_process_and_two_gloo_ranks_write_the_same_report(tmp_path, image_fo
     assert written == sorted(["norms.json", "norm_histograms.png"] + figures)
 
 
+def test_a_rank_that_reads_no_image_still_reports_the_named_top_patches(tmp_path, image_folder):
+    # file 0 (broken) is rank 0's whole shard, file 1 rank 1's: rank 0 writes what rank 1 found
+    argv = [str(image_folder / "broken.jpg"), str(image_folder / "im0.png"), *COMMON]
+    result, report = _inspect(argv, tmp_path / "out", 2)
+    assert report["run"]["images"] == 1 and report["top_patches_scope"] == "since reset"
+    last = report["top_patches"][-1]
+    assert last and {p["file"] for p in last} == {str(image_folder / "im0.png")}
+    assert "largest patch norms of all images: " in result.stdout and "im0.png" in result.stdout
+
+
 def test_disjoint_shards_cover_every_file_once():
     for n in (0, 1, 7, 8):
         for world in (1, 2, 3):

@@ -6,7 +6,8 @@ Every rank builds the same tiny register ViT with a planted high-norm artifact a
 dependent, tracked with global sample ids). After ``all_reduce`` every rank's report must equal the report of one
 monitor that saw every rank's images (computed on each rank, batch by batch as the ranks did, so the norms are the
 same bits): counts, histograms and outliers identical, sums to float tolerance, the same top patches. A second call
-changes nothing; more batches then another call count each image once. Rank 0 prints "ALL_REDUCE OK".
+changes nothing; more batches then another call count each image once; a rank that saw no image reports the
+gathered top patches too. Rank 0 prints "ALL_REDUCE OK".
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ def main() -> None:
     check_equal(monitor.report(), everyone.report(), "after more batches and two more all_reduce calls")
     top = monitor.report().top_patches[DEPTH - 1]
     assert top[0][0] > 150 and top[0][2] == 1 + monitor.num_prefix, top  # the planted patch leads
+
+    # a rank that saw no image (and so never tracked) still reports the gathered top patches
+    lonely = NormMonitor(build(), top_k=3)
+    if rank == 0:
+        run(lonely, [batch(0, 2)])
+    lonely.all_reduce()
+    alone = NormMonitor(build(), top_k=3)
+    run(alone, [batch(0, 2)])
+    check_equal(lonely.report(), alone.report(), f"rank {rank} after a reduce where only rank 0 saw images")
 
     dist.barrier()
     if rank == 0:

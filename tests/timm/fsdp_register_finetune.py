@@ -88,6 +88,10 @@ def main() -> None:
         value = full(p.detach())
         for r, other in enumerate(gather(value)):
             assert torch.equal(other, value), f"rank {rank}: {n} differs from rank {r}"
+        if isinstance(p, DTensor):  # this rank's own shard (dim 0, torch.chunk's split) against the single run
+            chunks = torch.chunk(single_params[n].detach(), world, dim=0)
+            mine = chunks[rank] if rank < len(chunks) else single_params[n][:0]
+            torch.testing.assert_close(p.to_local().detach(), mine, atol=1e-6, rtol=1e-4, msg=f"{n}: local shard")
         if p.requires_grad:
             assert not torch.equal(value, initial[n]), f"register parameter {n} did not change"
             torch.testing.assert_close(
