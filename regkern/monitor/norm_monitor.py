@@ -130,8 +130,9 @@ class NormMonitor:
             (instead of the absolute threshold).
         bins: histogram bins, log-spaced over ``norm_range``.
         top_k: how many of the largest patch norms of the last batch to keep per layer.
-        attention_share: also accumulate the share of attention each key group receives (reduced inside the Triton
-            forward kernel to 4 numbers per (image, head): ``received_groups``; no second pass over the keys).
+        attention_share: also accumulate the share of attention each key group receives (4 numbers per (image,
+            head), ``received_groups``: the Triton kernels go over the register and prefix keys only, with the
+            forward's lse, and give the patches the rest of each query's probability).
         attention_maps: keep the last attention rows of the prefix queries (needs CLS or registers).
         enabled: start collecting now (else call ``enable()``).
         norm_maps: keep the last batch's per-token norms for ``norm_maps()`` (the kernel then writes them; off, no

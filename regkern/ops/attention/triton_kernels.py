@@ -246,23 +246,6 @@ def _softmax_update(s, m_i, l_i, acc, v, qk_scale_log2, DOT_PRECISION: tl.conste
 
 
 @triton.jit
-def _add_group_shares(groups, m_i, l_i, m_mask, group_kv, group_first, group_rest, m_small, HAS_SMALL: tl.constexpr):
-    # [4] shares of the key groups summed over the tile's rows (each row's sum to 1; rows without any key add 0)
-    seen = m_mask & (l_i > 0)
-    if HAS_SMALL:
-        m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
-        factor = tl.where(seen, tl.exp2(m_small - m_final) / l_i, 0.0)  # [BLOCK_M] probability of a small-p unit
-        kv, first, rest = group_kv * factor, group_first * factor, group_rest * factor
-        patches = tl.where(seen, 1.0 - kv - first - rest, 0.0)
-        tl.atomic_add(groups + 0, tl.sum(kv, axis=0))
-        tl.atomic_add(groups + 1, tl.sum(first, axis=0))
-        tl.atomic_add(groups + 2, tl.sum(rest, axis=0))
-        tl.atomic_add(groups + 3, tl.sum(patches, axis=0))
-    else:
-        tl.atomic_add(groups + 3, tl.sum(tl.where(seen, 1.0, 0.0), axis=0))
-
-
-@triton.jit
 def _fwd_patch_tile(
     q,
     m_i,
@@ -333,7 +316,6 @@ def attn_fwd_kernel(
     LSE,
     OUT_SQ,
     PREFIX_S,
-    GROUPS,
     KEY_BIAS,
     CU_SEQLENS,
     stride_qb,
@@ -370,17 +352,12 @@ def attn_fwd_kernel(
     STAT_PREFIX: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
     VARLEN: tl.constexpr = False,
-    STAT_GROUPS: tl.constexpr = False,
 ):
     # KEY_BIAS (B, N) float32: a key mask in raw-score units (bias / scale; -inf = masked), registers never masked.
     # This launch covers `tiles` query tiles from row first_row. The prefix queries, which record their attention
     # rows (STAT_PREFIX), get a small launch of their own, so that the other tiles carry none of that code.
     # VARLEN: b is a sequence of the packed (T, H, d) tokens, rows [CU_SEQLENS[b], CU_SEQLENS[b + 1]); N is then
     # the total T on entry (lse and out_norm are (H, T)) and this sequence's length below; `tiles` is the longest's
-    # STAT_GROUPS: the share of attention each key group receives, summed over this tile's queries, added into GROUPS
-    # (B, H, 4) [KV registers, prefix token 0, prefix tokens 1.., patches]: the small segment's probabilities per
-    # group are kept per row with the running max they were taken at and rescaled once by the final max and sum;
-    # the patches get the rest of each row. No second pass over the keys.
     pid_m, pid_bh, b, h = _program_coords(tiles, H)
     q_off = b * stride_qb + h * stride_qh
     k_off = b * stride_kb + h * stride_kh
@@ -412,9 +389,6 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # [BLOCK_M, BLOCK_D]
 
-    if STAT_GROUPS:  # [BLOCK_M] each; stay zero without a small segment
-        group_kv = tl.zeros([BLOCK_M], dtype=tl.float32)
-        group_first, group_rest, m_small = group_kv, group_kv, group_kv
     if HAS_SMALL:
         offs_s = tl.arange(0, BLOCK_S)
         small_ok = offs_s < R + P
@@ -453,12 +427,6 @@ def attn_fwd_kernel(
                 PREFIX_S, pid_bh, offs_m, offs_s, s_small * qk_scale_log2, P, R + N, prefix_ok, small_ok
             )
         m_i, l_i, acc = _softmax_update(s_small, m_i, l_i, acc, vs, qk_scale_log2, DOT_PRECISION, HAS_KEY_BIAS)
-        if STAT_GROUPS:
-            m_small = tl.where(m_i == float("-inf"), 0.0, m_i)  # [BLOCK_M]
-            p_small = tl.exp2(s_small * qk_scale_log2 - m_small[:, None])  # [BLOCK_M, BLOCK_S], 0 where masked
-            group_kv = tl.sum(tl.where((offs_s < R)[None, :], p_small, 0.0), axis=1)
-            group_first = tl.sum(tl.where((offs_s == R)[None, :], p_small, 0.0), axis=1)
-            group_rest = tl.sum(tl.where((offs_s > R)[None, :], p_small, 0.0), axis=1)
 
     # patch keys: whole tiles unmasked, then the ragged last tile (HAS_TAIL; always with VARLEN) masked
     kv_rows = tl.arange(0, BLOCK_N)
@@ -481,8 +449,6 @@ def attn_fwd_kernel(
             HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, STAT_PREFIX, HAS_KEY_BIAS,
         )  # fmt: skip
 
-    if STAT_GROUPS:
-        _add_group_shares(GROUPS + pid_bh * 4, m_i, l_i, m_mask, group_kv, group_first, group_rest, m_small, HAS_SMALL)
     acc = acc * (1.0 / l_i)[:, None]
     if VARLEN:  # read again rather than held through the loop (registers)
         out_row = tl.load(CU_SEQLENS + b).to(tl.int64)
@@ -553,6 +519,7 @@ def attn_received_kernel(
     RK,
     LSE,
     RECEIVED,
+    GROUPS,
     KEY_BIAS,
     stride_qb,
     stride_qn,
@@ -576,11 +543,17 @@ def attn_received_kernel(
     HAS_TAIL: tl.constexpr,
     TAIL_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_KEYS: tl.constexpr,
+    REDUCE_GROUPS: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
+    PATCHES_REST: tl.constexpr = False,
 ):
-    # Attention each key receives, summed over all queries (B, H, R + N): a second pass over the keys with the final
-    # lse. Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
-    # (The per-group sums need no second pass: the forward reduces them, STAT_GROUPS.)
+    # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
+    # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
+    # STORE_KEYS writes the per-key sums (B, H, R + N); REDUCE_GROUPS adds them per key group into GROUPS (B, H, 4):
+    # [KV registers, prefix token 0, prefix tokens 1.., patches], one atomic per (program, group). PATCHES_REST (the
+    # small segment, when no program covers the patch keys): the patches' group is N minus the small segment's sums,
+    # as each query's probabilities sum to 1; the group shares then cost one program per (batch, head).
     pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -624,7 +597,21 @@ def attn_received_kernel(
             k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse_bh, qk_scale_log2, key_bias, HEAD_DIM,
             TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
         )  # fmt: skip
-    tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
+    if STORE_KEYS:
+        tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
+    if REDUCE_GROUPS:
+        colsum = tl.where(valid, colsum, 0.0)  # [BLOCK_KEYS]
+        if SMALL_SEGMENT:
+            groups = tl.arange(0, 4)
+            key_group = tl.where(offs_j < R, 0, tl.where(offs_j == R, 1, 2))
+            part = tl.sum(tl.where(key_group[:, None] == groups[None, :], colsum[:, None], 0.0), axis=0)  # [4]
+            if PATCHES_REST:  # no pass over the patch keys: each of the N rows sums to 1, the patches get the rest
+                part = tl.where(groups == 3, N - tl.sum(part, axis=0), part)
+                tl.atomic_add(GROUPS + pid_bh * 4 + groups, part)
+            else:
+                tl.atomic_add(GROUPS + pid_bh * 4 + groups, part, mask=groups < 3)
+        else:
+            tl.atomic_add(GROUPS + pid_bh * 4 + 3, tl.sum(colsum, axis=0))
 
 
 @triton.jit
@@ -1166,9 +1153,9 @@ def attention_forward(
 
     ``stats``: any of "out_norm", "prefix_rows", "received", "received_groups" (see ``reference.AttentionStats``);
     then the call returns ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue
-    (per-head squared norms, the prefix queries' scores normalised with the final lse); received_groups too (each
-    row's probabilities of the small segment's key groups, rescaled by the final max and sum, summed per program into
-    a (B, H, 4) buffer with atomics; the patches get the rest of each row); received takes a second pass over the keys.
+    (per-head squared norms, the prefix queries' scores normalised with the final lse); received takes a second pass
+    over the keys; received_groups alone (what NormMonitor runs) only over the small segment of registers and prefix
+    tokens, one program per (batch, head), the patches getting the rest of each row (atomics into (B, H, 4)).
 
     ``key_bias``: a key mask as an additive bias (B, N) float32 over the token keys, in the units of the scaled scores
     (as SDPA's; -inf = masked; registers are never masked). A row whose keys are all masked attends to the registers
@@ -1184,8 +1171,6 @@ def attention_forward(
     want_norm, want_prefix = "out_norm" in stats, "prefix_rows" in stats
     out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
     prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
-    reduce_groups = "received_groups" in stats  # reduced in the forward's epilogue
-    groups = torch.zeros((B, H, 4), dtype=torch.float32, device=q.device) if reduce_groups else lse
     key_bias_raw = _raw_key_bias(key_bias, B, N, scale, lse)
     if qk_norm or rope is not None:  # once per token; the attention passes then load plain q', k' tiles
         q, k = qk_prologue(
@@ -1202,7 +1187,6 @@ def attention_forward(
         lse,
         out_sq,
         prefix_s,
-        groups,
         key_bias_raw,
         lse,  # CU_SEQLENS: not read without VARLEN
         q.stride(0),
@@ -1236,7 +1220,6 @@ def attention_forward(
             STAT_PREFIX=record,
             HAS_KEY_BIAS=key_bias is not None,
             VARLEN=False,
-            STAT_GROUPS=reduce_groups,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -1264,16 +1247,17 @@ def attention_forward(
         results["out_norm"] = out_sq.sum(1).sqrt()
     if want_prefix:
         results["prefix_rows"] = torch.exp2(prefix_s - (lse[:, :, :P, None] * LOG2E))
-    if reduce_groups:
-        results["received_groups"] = groups
-    if "received" in stats:  # per key: a second pass over the keys, with the final lse
-        received = torch.empty((B, H, R + N), dtype=torch.float32, device=q.device)
+    store_keys, reduce_groups = "received" in stats, "received_groups" in stats
+    if store_keys or reduce_groups:
+        received = torch.empty((B, H, R + N) if store_keys else (1,), dtype=torch.float32, device=q.device)
+        groups = torch.zeros((B, H, 4) if reduce_groups else (1,), dtype=torch.float32, device=q.device)
         args = (
             q,
             k,
             rk,
             lse,
             received,
+            groups,
             key_bias_raw,
             q.stride(0),
             q.stride(1),
@@ -1296,18 +1280,27 @@ def attention_forward(
             HAS_TAIL=N % rcfg.block_m != 0,
             TAIL_ROWS=_pow2_at_least(N % rcfg.block_m),
             DOT_PRECISION=_dot_precision(q.dtype),
+            STORE_KEYS=store_keys,
+            REDUCE_GROUPS=reduce_groups,
             HAS_KEY_BIAS=key_bias is not None,
             num_warps=rcfg.num_warps,
             # the key mask's bias stays in registers through the query loop: one stage fewer before Hopper
             num_stages=rcfg.num_stages if key_bias is None or _hopper(q) else min(rcfg.num_stages, 2),
         )
-        if N > P:
+        # the group shares alone need only the small segment: the patches get the rest of each row
+        patches_rest = not store_keys and R + P > 0
+        if N > P and not patches_rest:
             attn_received_kernel[(triton.cdiv(N - P, rcfg.block_n) * B * H,)](
                 *args, BLOCK_KEYS=rcfg.block_n, SMALL_SEGMENT=False, **common
             )
         if R + P > 0:
-            attn_received_kernel[(B * H,)](*args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, **common)
-        results["received"] = received
+            attn_received_kernel[(B * H,)](
+                *args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, PATCHES_REST=patches_rest, **common
+            )
+        if store_keys:
+            results["received"] = received
+        if reduce_groups:
+            results["received_groups"] = groups
     return out, lse, results
 
 
@@ -1507,7 +1500,7 @@ def attention_forward_varlen(
         cfg = _varlen_config("forward", q, max_seqlen)
         tiles = triton.cdiv(max_seqlen, cfg.block_m)
         attn_fwd_kernel[(tiles * S * H,)](
-            q, k, v, rk, rv, out, lse, out_sq, lse, lse, lse, cu_seqlens,
+            q, k, v, rk, rv, out, lse, out_sq, lse, lse, cu_seqlens,
             0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1), *srk, *srv,
             H, T, R, P, 0, tiles, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_S=_pow2_at_least(R + P),

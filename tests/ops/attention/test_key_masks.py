@@ -92,6 +92,13 @@ def test_masked_forward_and_statistics_match_the_reference(case):
         torch.testing.assert_close(stats[name].double(), ref_stats[name].double(), atol=2e-3, rtol=2e-3, msg=name)
     masked_keys = ~key_bias.isfinite()
     assert (stats["received"][:, :, R:].permute(0, 2, 1)[masked_keys] == 0).all()  # masked keys receive nothing
+    # the group shares alone (NormMonitor's request) take only the small segment; the patches get the rest of each row
+    _, _, alone = triton_kernels.attention_forward(
+        q, k, v, reg_k, reg_v, d**-0.5, P, stats=("received_groups",), key_bias=key_bias
+    )
+    torch.testing.assert_close(
+        alone["received_groups"].double(), ref_stats["received_groups"].double(), atol=2e-3, rtol=2e-3
+    )
 
 
 @pytest.mark.parametrize("case", CASES[1:5], ids=mask_case_id)
