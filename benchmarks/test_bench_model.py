@@ -10,6 +10,7 @@ import torch
 
 import regkern
 from benchmarks.common import cuda_backend_unavailable, on_gpu, record, sync
+from tests.helpers import naflex_batch
 
 timm = pytest.importorskip("timm")
 
@@ -189,17 +190,12 @@ NAFLEX_SPEC = (
 
 
 def naflex_inputs(grids, device, dtype, patch=16):
-    """The dict NaFlex models take: patches (B, N, P*P*3), patch_coord (B, N, 2), patch_valid (B, N)."""
-    N = max(gh * gw for gh, gw in grids)
-    g = torch.Generator().manual_seed(0)
-    patches = torch.randn(len(grids), N, patch * patch * 3, generator=g)
-    coord = torch.zeros(len(grids), N, 2, dtype=torch.long)
-    valid = torch.zeros(len(grids), N, dtype=torch.bool)
-    for i, (gh, gw) in enumerate(grids):
-        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        coord[i, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
-        valid[i, : gh * gw] = True
-    return {"patches": patches.to(device, dtype), "patch_coord": coord.to(device), "patch_valid": valid.to(device)}
+    """``tests.helpers.naflex_batch`` on ``device``, its patches in ``dtype``."""
+    batch = naflex_batch(grids, patch=patch)
+    return {
+        "patches": batch["patches"].to(device, dtype),
+        **{k: batch[k].to(device) for k in ("patch_coord", "patch_valid")},
+    }
 
 
 @pytest.mark.parametrize("variant", ["unpatched", "patched"])

@@ -74,3 +74,18 @@ def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     return model
+
+
+def naflex_batch(grids, seed=0, patch=16):
+    """Random patches of images with patch grids ``grids`` [(gh, gw), ...], padded to the largest count: the dict
+    NaFlex models take (patches (B, N, patch * patch * 3), patch_coord (B, N, 2), patch_valid (B, N)); on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    N = max(gh * gw for gh, gw in grids)
+    patches = torch.randn(len(grids), N, patch * patch * 3, generator=g)
+    coord = torch.zeros(len(grids), N, 2, dtype=torch.long)
+    valid = torch.zeros(len(grids), N, dtype=torch.bool)
+    for i, (gh, gw) in enumerate(grids):
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        coord[i, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
+        valid[i, : gh * gw] = True
+    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}

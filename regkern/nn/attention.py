@@ -245,16 +245,20 @@ class RegisterAttentionBase(nn.Module):
         """Name of the backend used for calls whose ``attn_mask`` is a key mask (broadcastable to (B, 1, 1, N))."""
         return self._key_masked_backend_choice.name
 
+    def _backend_for(self, attn_mask):
+        """The backend chosen (before any call) for a call with this ``attn_mask``: none, a key mask, or another
+        mask; decided from the mask's shape alone, so the same call always takes the same path."""
+        if attn_mask is None:
+            return self._attention_backend
+        return self._key_masked_attention_backend if is_key_mask(attn_mask) else self._masked_attention_backend
+
     def _attend(self, q, k, v, attn_mask, rope=None):
         """q, k, v (B, N, H, d) straight from the projection -> out (B, N, H, d): q_norm/k_norm and RoPE (on tokens
         >= num_prefix_tokens), then register attention; the first two inside the attention op when it can."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         stats = self.monitor_stats if attn_mask is None else ()
         key_mask = attn_mask is not None and is_key_mask(attn_mask)  # from the shape: the same path every call
-        if attn_mask is None:
-            backend = self._attention_backend
-        else:
-            backend = self._key_masked_attention_backend if key_mask else self._masked_attention_backend
+        backend = self._backend_for(attn_mask)
         if (attn_mask is None or (key_mask and backend is self._attention_backend)) and self._fuse_prologue:
             check_attention_inputs(
                 q, k, v, self.reg_k, self.reg_v, self.scale, stats, self.num_prefix_tokens, attn_mask, dropout_p

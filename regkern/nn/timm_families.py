@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import is_key_mask, run_attention
+from ..ops.attention import run_attention
 from .attention import RegisterAttentionBase, causal_mask
 
 __all__ = [
@@ -214,10 +214,7 @@ class _Differential(_AdoptsTimm):
         # [B, N, H, 2, 2hd]: zeros in the upper half leave every score as it is
         q = F.pad(q.reshape(B, N, H, 2, hd), (0, hd))
         k = F.pad(k.reshape(B, N, H, 2, hd), (0, hd))
-        if attn_mask is None:
-            backend = self._attention_backend
-        else:
-            backend = self._key_masked_attention_backend if is_key_mask(attn_mask) else self._masked_attention_backend
+        backend = self._backend_for(attn_mask)
         first, second = (
             run_attention(
                 backend,

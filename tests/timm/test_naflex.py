@@ -9,26 +9,10 @@ import timm
 import torch
 
 import regkern
-from tests.helpers import perturb_
+from tests.helpers import naflex_batch, perturb_
 
 triton_kernels = pytest.importorskip("regkern.ops.attention.triton_kernels")
 BACKENDS = ["torch"] + (["triton"] if triton_kernels.INTERPRETED else [])
-PATCH = 16
-
-
-def naflex_batch(grids, seed=0):
-    """Patches of images with patch grids ``grids`` [(gh, gw), ...], padded to the largest count: the dict NaFlex
-    models take (patches (B, N, P*P*3), patch_coord (B, N, 2), patch_valid (B, N))."""
-    g = torch.Generator().manual_seed(seed)
-    N = max(gh * gw for gh, gw in grids)
-    patches = torch.randn(len(grids), N, PATCH * PATCH * 3, generator=g)
-    coord = torch.zeros(len(grids), N, 2, dtype=torch.long)
-    valid = torch.zeros(len(grids), N, dtype=torch.bool)
-    for i, (gh, gw) in enumerate(grids):
-        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        coord[i, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
-        valid[i, : gh * gw] = True
-    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

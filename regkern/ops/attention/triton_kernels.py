@@ -172,6 +172,13 @@ def attn_prologue_kernel(
 
 
 @triton.jit
+def _varlen_sequence(CU_SEQLENS, b, h, total):
+    # packed sequence b: its first row, the first row of its (h) statistics in (H, total) buffers, its length
+    start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
+    return start_row, h * total + start_row, tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+
+
+@triton.jit
 def _load_small_segment(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, P):
     # keys [R registers from their own buffer, P prefix tokens from K] as one tile; rows >= R + P are 0
     is_reg = offs_s < R
@@ -366,9 +373,7 @@ def attn_fwd_kernel(
     stat_row = pid_bh * N
     if VARLEN:
         total_rows = N
-        start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
-        stat_row = h * N + start_row
-        N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+        start_row, stat_row, N = _varlen_sequence(CU_SEQLENS, b, h, N)
         if first_row + pid_m * BLOCK_M >= N:
             return  # a shorter sequence than the longest: no rows in this tile
         q_off = start_row * stride_qn + h * stride_qh
@@ -712,9 +717,7 @@ def attn_bwd_dkdv_kernel(
     # entry, `tiles` the key tiles of the longest sequence)
     if VARLEN:
         pid_n, pid_bh, b, h = _program_coords(tiles, H)
-        start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
-        stat_row = h * N + start_row
-        N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+        start_row, stat_row, N = _varlen_sequence(CU_SEQLENS, b, h, N)
         if P + pid_n * BLOCK_KEYS >= N:
             return
         offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
@@ -880,9 +883,7 @@ def attn_bwd_dq_kernel(
     # VARLEN: as in attn_fwd_kernel (N is T on entry, `tiles` the query tiles of the longest sequence)
     if VARLEN:
         pid_m, pid_bh, b, h = _program_coords(tiles, H)
-        start_row = tl.load(CU_SEQLENS + b).to(tl.int64)
-        stat_row = h * N + start_row
-        N = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start_row
+        start_row, stat_row, N = _varlen_sequence(CU_SEQLENS, b, h, N)
         if pid_m * BLOCK_M >= N:
             return  # its small-segment share stays the launcher's zeros
         q_off = start_row * stride_qn + h * stride_qh
