@@ -1,5 +1,8 @@
 """Input builders and fixtures shared by the tests."""
 
+import subprocess
+import sys
+
 import torch
 
 
@@ -89,3 +92,12 @@ def naflex_batch(grids, seed=0, patch=16):
         coord[i, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
         valid[i, : gh * gw] = True
     return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+
+
+def torchrun(script, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` under ``torchrun --nproc_per_node nproc --standalone`` (this Python); assert it exited 0, with the
+    end of its output in the message. Returns the completed process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result

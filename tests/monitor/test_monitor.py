@@ -417,13 +417,9 @@ def test_track_samples_checks_its_argument(images):
 def test_all_reduce_on_two_gloo_ranks_equals_one_monitor_over_all_data():
     """tests/monitor/dist_all_reduce.py under torchrun: sums, maxima, histograms and tracked top patches combined;
     repeated calls count nothing twice."""
-    import subprocess
-    import sys
     from pathlib import Path
 
-    script = Path(__file__).with_name("dist_all_reduce.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    log = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, log
-    assert "ALL_REDUCE OK" in result.stdout, log
+    from tests.helpers import torchrun
+
+    result = torchrun(Path(__file__).with_name("dist_all_reduce.py"))
+    assert "ALL_REDUCE OK" in result.stdout, result.stdout[-4000:]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from regkern import RegisterEvaAttention, RegisterViTAttention, patch_timm, unpatch_timm
 from regkern.timm.registers import add_registers, freeze_all_but_registers, register_parameters
-from tests.helpers import perturb_
+from tests.helpers import perturb_, torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -465,12 +463,8 @@ def test_registers_only_finetune_eva(mode, patched):
 
 
 def test_ddp_register_finetune():
-    script = Path(__file__).with_name("ddp_register_finetune.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    log = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, log
-    assert "DDP OK" in result.stdout, log
+    result = torchrun(Path(__file__).with_name("ddp_register_finetune.py"))
+    assert "DDP OK" in result.stdout, result.stdout[-4000:]
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
@@ -479,9 +473,5 @@ def test_ddp_register_finetune():
 def test_fsdp2_register_finetune_matches_single_process_training():
     """tests/timm/fsdp_register_finetune.py: fully_shard per block, 2 gloo ranks, registers only."""
     pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed.fsdp.fully_shard (FSDP2)")
-    script = Path(__file__).with_name("fsdp_register_finetune.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    log = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, log
-    assert "FSDP2 OK" in result.stdout, log
+    result = torchrun(Path(__file__).with_name("fsdp_register_finetune.py"))
+    assert "FSDP2 OK" in result.stdout, result.stdout[-4000:]
