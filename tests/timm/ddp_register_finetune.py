@@ -13,6 +13,7 @@ and after every step that all parameters are identical on all ranks and that fro
 from __future__ import annotations
 
 import copy
+import gc
 
 import timm
 import torch
@@ -38,9 +39,7 @@ def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
         assert torch.equal(other, t), f"rank {dist.get_rank()}: {what} differs from rank {rank}"
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def train_and_check() -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world >= 2, "run with --nproc_per_node 2 (or more)"
 
@@ -97,10 +96,19 @@ def main() -> None:
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p, initial[n]), f"register parameter {n} did not change"
+    return f"DDP OK ({world} ranks, {STEPS} steps, {len(trainable)} register parameters)"
 
+
+def main() -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    summary = train_and_check()
+    # The wrapped model, its optimizer and their pending gloo work are gone before the group is: a gloo work object
+    # freed during interpreter shutdown can abort the process after every check passed.
+    gc.collect()
     dist.barrier()
-    if rank == 0:
-        print(f"DDP OK ({world} ranks, {STEPS} steps, {len(trainable)} register parameters)", flush=True)
+    if dist.get_rank() == 0:
+        print(summary, flush=True)
     dist.destroy_process_group()
 
 
