@@ -492,7 +492,9 @@ def qk_prologue(
 ) -> torch.Tensor:
     """What timm does to q or k between the qkv projection and attention: per-head LayerNorm over d (``qk_norm``),
     then RoPE on the patch tokens (EvaAttention). t (B, N, H, d) -> (B, N, H, d) in t's dtype, rounded after each
-    step as timm rounds. The Triton backend's pre-pass kernel applies exactly this, once per token."""
+    step as timm rounds. The Triton backend's pre-pass kernel computes the same once per token in float32 and rounds
+    once, at the end (timm under autocast does the same), so in half precision it can differ from this by one
+    rounding; its tests bound its error against a float64 evaluation of this function."""
     if qk_norm:
         t = F.layer_norm(t, (t.shape[-1],), norm_weight, norm_bias, eps)
     if rope is not None:

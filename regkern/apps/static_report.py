@@ -434,24 +434,26 @@ def static_report(
                 if case.shape in heads:
                     B, H = heads[case.shape]
                     trips = attention_kernels().loop_trip_counts(launch.kernel.__name__, spec.bound)
-                    record.update(issued_per_head(record, trips, launch.grid[0] // (B * H)))
+                    record.update(issued_per_head(record, trips, launch.grid[0] / (B * H)))
                 records.append(record)
     return records
 
 
-def issued_per_head(record: dict, trips: Sequence[int], programs: int) -> dict:
+def issued_per_head(record: dict, trips: Sequence[int], programs: float) -> dict:
     """Issued warp-instructions per (batch, head) of one launch: (instructions outside loops + sum over loops of trip
     count x loop body) x warps x programs per (batch, head). Everything outside the loops counts once per program
-    (code a program skips included), so the figure is an upper bound on straight-line code."""
+    (code a program skips included), so the figure is an upper bound on straight-line code. ``programs`` is the
+    grid over B * H, a fraction for kernels whose programs cover several heads (the qk_norm / RoPE pre-pass)."""
+    shown = int(programs) if programs == int(programs) else round(programs, 3)
     loops = record["inner_loops"]
     if len(loops) != len(trips):
-        return {"trips": list(trips), "programs_per_head": programs, "issued_per_head": None}
+        return {"trips": list(trips), "programs_per_head": shown, "issued_per_head": None}
     inside = sum(loop["total"] for loop in loops)
     per_program = record["counts"]["total"] - inside + sum(t * loop["total"] for t, loop in zip(trips, loops))
     return {
         "trips": list(trips),
-        "programs_per_head": programs,
-        "issued_per_head": per_program * record["num_warps"] * programs,
+        "programs_per_head": shown,
+        "issued_per_head": round(per_program * record["num_warps"] * programs),
     }
 
 

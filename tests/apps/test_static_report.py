@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from regkern.apps.static_report import sass_summary
+from regkern.apps.static_report import issued_per_head, sass_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +71,15 @@ def test_static_report_compiles_the_launched_kernels_with_the_run_time_specializ
     assert ("backward", "attn_bwd_dq_kernel") in variants and ("forward+received", "attn_received_kernel") in variants
     assert any(r["kernel"] == "ln_fwd_kernel" for r in records)
     assert any(r["kernel"] == "ln_bwd_kernel" and r["variant"] == "layer_norm_backward" for r in records)
+
+
+def test_issued_per_head_counts_programs_that_cover_several_heads_as_a_fraction():
+    """The qk_norm / RoPE pre-pass has one program per 16 tokens of a batch row, every head in turn: at N = 261 and
+    H = 12, 17 programs per row are 17/12 per (batch, head), not 1."""
+    record = {"inner_loops": [{"total": 10}], "counts": {"total": 30}, "num_warps": 2}
+    got = issued_per_head(record, [12], 17 / 12)
+    assert got == {"trips": [12], "programs_per_head": 1.417, "issued_per_head": round((20 + 12 * 10) * 2 * 17 / 12)}
+    assert issued_per_head(record, [12], 5.0)["programs_per_head"] == 5
 
 
 def test_launches_with_different_run_time_specializations_are_compiled_apart():

@@ -96,8 +96,10 @@ TABLE: tuple[ConfigRule, ...] = (
     # memory without spills
     _rule("forward", _ANY, _FP32, 64, (0, _INF), 64, 32, 4, 2),
     _rule("forward", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),
-    # the qk_norm / RoPE pre-pass: BLOCK_M tokens of one (batch, head) per program
-    _rule("prologue", _ANY, _ALL, 1 << 30, (0, _INF), 16, 64, 1, 1),
+    # the qk_norm / RoPE pre-pass: BLOCK_M tokens of one batch row per program, every head in turn; the warps
+    # hold the per-program RoPE coefficients (12 [BLOCK_M, d / 2] float32 tiles) without spilling
+    _rule("prologue", _ANY, _ALL, 64, (0, _INF), 16, 64, 2, 1),
+    _rule("prologue", _ANY, _ALL, 1 << 30, (0, _INF), 16, 64, 4, 1),
     # received: BLOCK_N keys per program, BLOCK_M queries per step
     _rule("received", _ANY, _HALF, 128, (0, _INF), 128, 64, 4, 3),
     _rule("received", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),

@@ -50,55 +50,50 @@ def _program_coords(num_tiles, H):
 def _prologue_tile(
     src,
     dst,
-    rows,
-    row_stride,
-    dst_row_stride,
-    row_mask,
-    NW,
-    NB,
+    mask,
+    col_ok,
+    coef,
     eps,
-    rope_base,
-    stride_ropem,
-    P,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     QK_NORM: tl.constexpr,
     USE_ROPE: tl.constexpr,
     ROTATE_HALF: tl.constexpr,
 ):
-    # One [T, BLOCK_D] tile of q or k, loaded contiguous. For rotate_half, position p holds column
-    # (p // (BLOCK_D / 2)) * (d / 2) + p % (BLOCK_D / 2), so that both halves start at a power of two; RoPE then
-    # pairs each column with its partner by a reshape and a split, without a second load.
-    BLOCK_H: tl.constexpr = BLOCK_D // 2
-    offs_p = tl.arange(0, BLOCK_D)
-    if ROTATE_HALF:
-        cols = (offs_p // BLOCK_H) * (HEAD_DIM // 2) + offs_p % BLOCK_H
-        col_ok = (offs_p % BLOCK_H) < HEAD_DIM // 2
-    else:
-        cols = offs_p
-        col_ok = offs_p < HEAD_DIM
-    mask = row_mask[:, None] & col_ok[None, :]  # [T, BLOCK_D]
-    x = tl.load(src + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    # One [T, BLOCK_D] tile of q or k (src, dst: pointers in the caller's column order): LayerNorm over d, then
+    # RoPE, in float32 and rounded once at the store. coef, made once per program: (w, bias) [BLOCK_D] without
+    # RoPE, else _rope_coefficients' six tiles.
+    x = tl.load(src, mask=mask, other=0.0)  # [T, BLOCK_D]
     y = x.to(tl.float32)
     if QK_NORM:
-        mean = tl.sum(y, axis=1) / HEAD_DIM
+        mean = tl.sum(y, axis=1) * (1.0 / HEAD_DIM)  # [T]
         yc = y - mean[:, None]
-        if BLOCK_D != HEAD_DIM:  # padded columns stay out of the variance (padded rows are 0 - 0)
+        if BLOCK_D != HEAD_DIM:  # padded columns stay out of the variance
             yc = tl.where(col_ok[None, :], yc, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / HEAD_DIM + eps)
-        w = tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)
-        b = tl.load(NB + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = (yc * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype).to(tl.float32)
-    if USE_ROPE:  # patch tokens only: prefix rows read sin = 0, cos = 1
-        rope_mask = mask & (rows >= P)[:, None]
-        table = rope_base + (rows - P)[:, None] * stride_ropem + cols[None, :]
-        sin = tl.load(table, mask=rope_mask, other=0.0).to(tl.float32)
-        cos = tl.load(table + HEAD_DIM, mask=rope_mask, other=1.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(yc * yc, axis=1) * (1.0 / HEAD_DIM) + eps)  # [T]
+        y = yc * rstd[:, None]
+    if USE_ROPE:
+        a_self, a_other, a_const, b_self, b_other, b_const = coef  # [T, BLOCK_D / 2] each
         ya, yb = _rope_pairs(y, ROTATE_HALF)
-        sa, sb = _rope_pairs(sin, ROTATE_HALF)
-        ca, cb = _rope_pairs(cos, ROTATE_HALF)
-        y = _rope_unpair(ya * ca - yb * sa, yb * cb + ya * sb, ROTATE_HALF)
-    tl.store(dst + rows[:, None] * dst_row_stride + cols[None, :], y.to(x.dtype), mask=mask)
+        y = _rope_unpair(a_self * ya + (a_other * yb + a_const), b_self * yb + (b_other * ya + b_const), ROTATE_HALF)
+    elif QK_NORM:
+        w, b = coef
+        y = y * w[None, :] + b[None, :]
+    tl.store(dst, y.to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _rope_coefficients(w, b, sa, sb, ca, cb, QK_NORM: tl.constexpr, ROTATE_HALF: tl.constexpr):
+    # RoPE after the LayerNorm affine, folded: out_a = y_a cos_a - y_b sin_a and out_b = y_b cos_b + y_a sin_b for
+    # each pair (a, b), where y = x^ w + bias, so out_a = (w_a cos_a) x^_a + (-w_b sin_a) x^_b + (bias_a cos_a -
+    # bias_b sin_a) and likewise for b: six [T, BLOCK_D / 2] tiles (a_self, a_other, a_const, b_self, b_other,
+    # b_const), computed once per program and used for every head
+    if QK_NORM:
+        wa, wb = _rope_pairs(tl.broadcast_to(w[None, :], [sa.shape[0], w.shape[0]]), ROTATE_HALF)
+        b_a, b_b = _rope_pairs(tl.broadcast_to(b[None, :], [sa.shape[0], b.shape[0]]), ROTATE_HALF)
+        return wa * ca, -wb * sa, b_a * ca - b_b * sa, wb * cb, wa * sb, b_b * cb + b_a * sb
+    else:
+        return ca, -sa, tl.zeros_like(ca), cb, sb, tl.zeros_like(cb)
 
 
 @triton.jit
@@ -153,22 +148,67 @@ def attn_prologue_kernel(
     QK_NORM: tl.constexpr,
     USE_ROPE: tl.constexpr,
     ROTATE_HALF: tl.constexpr,
+    ROPE_PER_HEAD: tl.constexpr,
 ):
     # timm's prologue once per token: q' and k' (per-head LayerNorm over d, then RoPE on tokens >= P) of BLOCK_T
-    # tokens of one (b, h), written contiguous (B, N, H, d); the attention passes then load plain tiles
-    pid_t, pid_bh, b, h = _program_coords(tl.cdiv(N, BLOCK_T), H)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    # tokens of one batch row, every head in turn, written contiguous (B, N, H, d); the attention passes then load
+    # plain tiles. The affine parameters and (unless they differ per head) the sin/cos tiles are loaded once.
+    num_tiles = tl.cdiv(N, BLOCK_T)
+    pid = tl.program_id(0)
+    b = (pid // num_tiles).to(tl.int64)
+    rows = (pid % num_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)  # [T]
     row_mask = rows < N
-    rope_base = ROPE + b * stride_ropeb + h * stride_ropeh
-    out_base = (b * N * H + h) * HEAD_DIM  # row n of (b, h) at out_base + n * H * d
-    _prologue_tile(
-        Q + b * stride_qb + h * stride_qh, QO + out_base, rows, stride_qn, H * HEAD_DIM, row_mask, QNW, QNB, norm_eps,
-        rope_base, stride_ropem, P, HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
-    )  # fmt: skip
-    _prologue_tile(
-        K + b * stride_kb + h * stride_kh, KO + out_base, rows, stride_kn, H * HEAD_DIM, row_mask, KNW, KNB, norm_eps,
-        rope_base, stride_ropem, P, HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
-    )  # fmt: skip
+    # For rotate_half, position p holds column (p // (BLOCK_D / 2)) * (d / 2) + p % (BLOCK_D / 2), so that both
+    # halves start at a power of two; RoPE then pairs each column with its partner by a reshape and a split.
+    BLOCK_H: tl.constexpr = BLOCK_D // 2
+    offs_p = tl.arange(0, BLOCK_D)
+    if ROTATE_HALF:
+        cols = (offs_p // BLOCK_H) * (HEAD_DIM // 2) + offs_p % BLOCK_H
+        col_ok = (offs_p % BLOCK_H) < HEAD_DIM // 2
+    else:
+        cols = offs_p
+        col_ok = offs_p < HEAD_DIM
+    mask = row_mask[:, None] & col_ok[None, :]  # [T, BLOCK_D]
+    rope_mask = mask & (rows >= P)[:, None]  # patch tokens only: prefix rows read sin = 0, cos = 1
+    table = ROPE + b * stride_ropeb + (rows - P)[:, None] * stride_ropem + cols[None, :]  # [T, BLOCK_D] (head 0)
+    qw = tl.load(QNW + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+    qb = tl.load(QNB + cols, mask=col_ok, other=0.0).to(tl.float32)
+    kw = tl.load(KNW + cols, mask=col_ok, other=0.0).to(tl.float32)
+    kb = tl.load(KNB + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if USE_ROPE:
+        sa, sb, ca, cb = _rope_tiles(table, rope_mask, HEAD_DIM, ROTATE_HALF)
+        q_coef = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+        k_coef = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+    else:
+        q_coef = (qw, qb)
+        k_coef = (kw, kb)
+    q_tile = Q + b * stride_qb + rows[:, None] * stride_qn + cols[None, :]  # [T, BLOCK_D] pointers of head 0
+    k_tile = K + b * stride_kb + rows[:, None] * stride_kn + cols[None, :]
+    out_tile = (b * N * H) * HEAD_DIM + rows[:, None] * (H * HEAD_DIM) + cols[None, :]  # offsets of head 0
+    for h in range(H):
+        if ROPE_PER_HEAD:
+            sa, sb, ca, cb = _rope_tiles(table + h * stride_ropeh, rope_mask, HEAD_DIM, ROTATE_HALF)
+            q_coef = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+            k_coef = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+        out = out_tile + h * HEAD_DIM
+        _prologue_tile(
+            q_tile + h * stride_qh, QO + out, mask, col_ok, q_coef, norm_eps,
+            HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
+        )  # fmt: skip
+        _prologue_tile(
+            k_tile + h * stride_kh, KO + out, mask, col_ok, k_coef, norm_eps,
+            HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
+        )  # fmt: skip
+
+
+@triton.jit
+def _rope_tiles(table, rope_mask, HEAD_DIM: tl.constexpr, ROTATE_HALF: tl.constexpr):
+    # [T, BLOCK_D / 2] sin and cos of both members of each rotation pair, from [sin | cos] rows of 2 d
+    sin = tl.load(table, mask=rope_mask, other=0.0).to(tl.float32)
+    cos = tl.load(table + HEAD_DIM, mask=rope_mask, other=1.0).to(tl.float32)
+    sa, sb = _rope_pairs(sin, ROTATE_HALF)
+    ca, cb = _rope_pairs(cos, ROTATE_HALF)
+    return sa, sb, ca, cb
 
 
 @triton.jit
@@ -982,7 +1022,7 @@ def loop_trip_counts(kernel_name: str, args: dict) -> tuple[int, ...]:
         else:
             N = int(args["tiles"]) * int(args["BLOCK_M"])
     if kernel_name == "attn_prologue_kernel":
-        return ()
+        return (int(args["H"]),)
     if kernel_name == "attn_fwd_kernel":
         return ((N - P) // int(args["BLOCK_N"]),)
     if kernel_name == "attn_received_kernel":
@@ -1081,7 +1121,11 @@ def qk_prologue(
     rotate_half: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.qk_prologue`` of q and k in one pre-pass kernel, once per token: q', k' (B, N, H, d) contiguous in
-    the input dtype. The forward runs it before its attention passes; the backward recomputes q', k' with it."""
+    the input dtype, computed in float32 and rounded once (timm rounds after the LayerNorm too, so half-precision
+    results can differ from the reference by that rounding). One program per 16 tokens of a batch row does every
+    head; the RoPE table and the LayerNorm affine are folded into per-token coefficients once per program (once
+    per head when the table differs per head). The forward runs it before its attention passes; the backward
+    recomputes q', k' with it."""
     q, k = _last_dim_unit_stride(q), _last_dim_unit_stride(k)
     B, N, H, d = q.shape
     qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
@@ -1090,7 +1134,7 @@ def qk_prologue(
     q_out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((B, N, H, d), dtype=k.dtype, device=k.device)
     cfg = _config("prologue", q)
-    attn_prologue_kernel[(triton.cdiv(N, cfg.block_m) * B * H,)](
+    attn_prologue_kernel[(triton.cdiv(N, cfg.block_m) * B,)](
         q,
         k,
         q_out,
@@ -1117,6 +1161,7 @@ def qk_prologue(
         QK_NORM=bool(qk_norm),
         USE_ROPE=rope is not None,
         ROTATE_HALF=bool(rotate_half),
+        ROPE_PER_HEAD=rope is not None and H > 1 and srope[1] != 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
