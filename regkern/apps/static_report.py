@@ -361,6 +361,7 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         _Case("forward+qk_norm+rope", forward(prologue=True), name, dt),
         _Case("forward+key_mask", forward(masked=True), name, dt),
         _Case("forward+key_mask+received_groups", forward(("received_groups",), masked=True), name, dt),
+        _Case("forward+key_mask+received", forward(("received",), masked=True), name, dt),
         _Case("backward", backward(), name, dt),
         _Case("backward+key_mask", backward(masked=True), name, dt),
         _Case("varlen forward", varlen_forward, name, dt),

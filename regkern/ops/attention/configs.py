@@ -101,6 +101,7 @@ TABLE: tuple[ConfigRule, ...] = (
     _rule("prologue", _ANY, _ALL, 64, (0, _INF), 16, 64, 2, 1),
     _rule("prologue", _ANY, _ALL, 1 << 30, (0, _INF), 16, 64, 4, 1),
     # received: BLOCK_N keys per program, BLOCK_M queries per step
+    _rule("received", _HOPPER, _HALF, 64, (0, _INF), 128, 128, 4, 3),
     _rule("received", _ANY, _HALF, 128, (0, _INF), 128, 64, 4, 3),
     _rule("received", _ANY, _ALL, 1 << 30, (0, _INF), 32, 32, 4, 2),
     # backward dK/dV: on Hopper each warpgroup owns 64 keys (no warpgroup recomputes another's tile); Ampere's

@@ -365,6 +365,7 @@ def attn_fwd_kernel(
     PREFIX_S,
     KEY_BIAS,
     CU_SEQLENS,
+    LSE2,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -399,7 +400,9 @@ def attn_fwd_kernel(
     STAT_PREFIX: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
     VARLEN: tl.constexpr = False,
+    STORE_LSE2: tl.constexpr = False,
 ):
+    # STORE_LSE2: the lse in log2 units into LSE2 too, for the received pass (one multiply fewer per query there).
     # KEY_BIAS (B, N) float32: a key mask in raw-score units (bias / scale; -inf = masked), registers never masked.
     # This launch covers `tiles` query tiles from row first_row. The prefix queries, which record their attention
     # rows (STAT_PREFIX), get a small launch of their own, so that the other tiles carry none of that code.
@@ -503,7 +506,10 @@ def attn_fwd_kernel(
     # out is contiguous (B, N, H, d) (VARLEN: (T, H, d))
     o_ptrs = Out + ((out_row + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + stat_row + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE + stat_row + offs_m, lse2 * 0.6931471805599453, mask=m_mask)
+    if STORE_LSE2:
+        tl.store(LSE2 + stat_row + offs_m, lse2, mask=m_mask)
 
 
 @triton.jit
@@ -530,7 +536,7 @@ def _received_query_tile(
     N,
     stride_qn,
     offs_d,
-    LSE_BH,
+    LSE2_BH,
     qk_scale_log2,
     key_bias,
     HEAD_DIM: tl.constexpr,
@@ -539,22 +545,32 @@ def _received_query_tile(
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
+    COLSUM_MMA: tl.constexpr,
 ):
     # the probabilities of ROWS queries from `start` on this program's keys, summed over the queries; the ragged
-    # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets
+    # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets.
+    # COLSUM_MMA: colsum is a [BLOCK_KEYS, 16] accumulator and the sum over the queries is a tensor-core product
+    # with a ones column (float16 probabilities, float32 accumulation, as flash attention's P V), which issues
+    # fewer instructions than one FADD per score; its first column is the sum.
     offs_m = start + tl.arange(0, ROWS)
     m_mask = offs_m < N
     if MASK:  # padded queries get lse = +inf: probability 0
         q = _load_tile(q_base + _tile_offsets(offs_m, stride_qn, offs_d), m_mask, offs_d, HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(LSE_BH + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE2_BH + offs_m, mask=m_mask, other=float("inf"))
     else:
         q_ptrs = _row_tile_ptrs(q_base, start, stride_qn, q_offs, offs_m, offs_d, BLOCK_D)
         q = _load_tile(q_ptrs, m_mask, offs_d, HEAD_DIM, BLOCK_D, False)
-        lse2 = tl.load(LSE_BH + offs_m) * 1.4426950408889634
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, BLOCK_M]
+        lse2 = tl.load(LSE2_BH + offs_m)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_KEYS, ROWS]
     if HAS_KEY_BIAS:
         st += key_bias[:, None]
-    return colsum + tl.sum(tl.exp2(st * qk_scale_log2 - lse2[None, :]), axis=1)
+    pt = tl.exp2(st * qk_scale_log2 - lse2[None, :])
+    if COLSUM_MMA:
+        ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0).to(tl.float16)  # [1, 16]
+        colsum = tl.dot(pt.to(tl.float16), tl.broadcast_to(ones, [ROWS, 16]), colsum)
+    else:
+        colsum += tl.sum(pt, axis=1)
+    return colsum
 
 
 @triton.jit
@@ -562,7 +578,7 @@ def attn_received_kernel(
     Q,
     K,
     RK,
-    LSE,
+    LSE2,
     RECEIVED,
     GROUPS,
     KEY_BIAS,
@@ -591,7 +607,9 @@ def attn_received_kernel(
     STORE_KEYS: tl.constexpr,
     REDUCE_GROUPS: tl.constexpr,
     HAS_KEY_BIAS: tl.constexpr,
+    COLSUM_MMA: tl.constexpr = False,
     PATCHES_REST: tl.constexpr = False,
+    TAIL_SPLIT_ROWS: tl.constexpr = 0,
 ):
     # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
     # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
@@ -621,8 +639,11 @@ def attn_received_kernel(
     else:
         cols = R + offs_j
         k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
-    colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
-    key_bias = colsum  # [BLOCK_KEYS] the key mask of this program's keys (registers never masked)
+    key_bias = tl.zeros([BLOCK_KEYS], dtype=tl.float32)  # [BLOCK_KEYS] the key mask of this program's keys
+    if COLSUM_MMA:
+        colsum = tl.zeros([BLOCK_KEYS, 16], dtype=tl.float32)
+    else:
+        colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
     if HAS_KEY_BIAS:
         if SMALL_SEGMENT:
             key_bias = _key_bias(KEY_BIAS + b * N, offs_j - R, (offs_j >= R) & valid, True)
@@ -630,18 +651,25 @@ def attn_received_kernel(
             key_bias = _key_bias(KEY_BIAS + b * N, offs_j, valid, True)
     q_base = Q + b * stride_qb + h * stride_qh
     q_offs = _tile_offsets(tl.arange(0, BLOCK_M), stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
-    lse_bh = LSE + pid_bh * N
+    lse2_bh = LSE2 + pid_bh * N  # the forward's lse in log2 units
     end_full = (N // BLOCK_M) * BLOCK_M
     for start in range(0, end_full, BLOCK_M):
         colsum = _received_query_tile(
-            k, colsum, q_base, q_offs, start, N, stride_qn, offs_d, lse_bh, qk_scale_log2, key_bias, HEAD_DIM, BLOCK_M,
-            BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS,
+            k, colsum, q_base, q_offs, start, N, stride_qn, offs_d, lse2_bh, qk_scale_log2, key_bias, HEAD_DIM, BLOCK_M,
+            BLOCK_D, False, DOT_PRECISION, HAS_KEY_BIAS, COLSUM_MMA,
         )  # fmt: skip
     if HAS_TAIL:
+        if TAIL_SPLIT_ROWS > 0:  # e.g. 94 rows as 64 + 32 instead of 128
+            colsum = _received_query_tile(
+                k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse2_bh, qk_scale_log2, key_bias, HEAD_DIM,
+                TAIL_SPLIT_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS, COLSUM_MMA,
+            )  # fmt: skip
         colsum = _received_query_tile(
-            k, colsum, q_base, q_offs, end_full, N, stride_qn, offs_d, lse_bh, qk_scale_log2, key_bias, HEAD_DIM,
-            TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS,
+            k, colsum, q_base, q_offs, end_full + TAIL_SPLIT_ROWS, N, stride_qn, offs_d, lse2_bh, qk_scale_log2,
+            key_bias, HEAD_DIM, TAIL_ROWS, BLOCK_D, True, DOT_PRECISION, HAS_KEY_BIAS, COLSUM_MMA,
         )  # fmt: skip
+    if COLSUM_MMA:
+        colsum = tl.sum(colsum, axis=1)  # [BLOCK_KEYS]: the first column, the others are 0
     if STORE_KEYS:
         tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
     if REDUCE_GROUPS:
@@ -1011,6 +1039,16 @@ def _pow2_at_least(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(x), 1)))
 
 
+def _tail_pieces(tail: int) -> tuple[int, int]:
+    """Rows of the ragged last query tile as (first, second) power-of-two pieces, first 0 when one piece is as
+    cheap: 94 -> (64, 32) instead of 128; 5 -> (0, 16)."""
+    whole = _pow2_at_least(tail)
+    first = 1 << (max(tail, 1).bit_length() - 1)  # the largest power of two <= tail
+    if first < 16 or first == tail or first + _pow2_at_least(tail - first) >= whole:
+        return 0, whole
+    return first, _pow2_at_least(tail - first)
+
+
 def loop_trip_counts(kernel_name: str, args: dict) -> tuple[int, ...]:
     """Iterations of each loop of ``kernel_name`` (in source order) for one launch's bound arguments (constexprs
     included): what ``regkern bench --static`` multiplies the SASS loop bodies by. Peeled ragged tiles are outside
@@ -1218,6 +1256,9 @@ def attention_forward(
     out_sq = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if want_norm else lse
     prefix_s = torch.full((B, H, P, R + N), float("-inf"), device=q.device) if want_prefix else lse
     key_bias_raw = _raw_key_bias(key_bias, B, N, scale, lse)
+    store_keys, reduce_groups = "received" in stats, "received_groups" in stats
+    # the received pass reads the lse in log2 units, which the forward writes next to the natural one
+    lse2 = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if store_keys or reduce_groups else lse
     if qk_norm or rope is not None:  # once per token; the attention passes then load plain q', k' tiles
         q, k = qk_prologue(
             q, k, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, qk_norm, rope, P, rotate_half
@@ -1235,6 +1276,7 @@ def attention_forward(
         prefix_s,
         key_bias_raw,
         lse,  # CU_SEQLENS: not read without VARLEN
+        lse2,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -1266,6 +1308,7 @@ def attention_forward(
             STAT_PREFIX=record,
             HAS_KEY_BIAS=key_bias is not None,
             VARLEN=False,
+            STORE_LSE2=lse2 is not lse,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -1293,7 +1336,6 @@ def attention_forward(
         results["out_norm"] = out_sq.sum(1).sqrt()
     if want_prefix:
         results["prefix_rows"] = torch.exp2(prefix_s - (lse[:, :, :P, None] * LOG2E))
-    store_keys, reduce_groups = "received" in stats, "received_groups" in stats
     if store_keys or reduce_groups:
         received = torch.empty((B, H, R + N) if store_keys else (1,), dtype=torch.float32, device=q.device)
         groups = torch.zeros((B, H, 4) if reduce_groups else (1,), dtype=torch.float32, device=q.device)
@@ -1301,7 +1343,7 @@ def attention_forward(
             q,
             k,
             rk,
-            lse,
+            lse2,
             received,
             groups,
             key_bias_raw,
@@ -1324,7 +1366,8 @@ def attention_forward(
             BLOCK_M=rcfg.block_m,
             BLOCK_D=_pow2_at_least(d),
             HAS_TAIL=N % rcfg.block_m != 0,
-            TAIL_ROWS=_pow2_at_least(N % rcfg.block_m),
+            TAIL_SPLIT_ROWS=_tail_pieces(N % rcfg.block_m)[0],
+            TAIL_ROWS=_tail_pieces(N % rcfg.block_m)[1],
             DOT_PRECISION=_dot_precision(q.dtype),
             STORE_KEYS=store_keys,
             REDUCE_GROUPS=reduce_groups,
@@ -1336,8 +1379,10 @@ def attention_forward(
         # the group shares alone need only the small segment: the patches get the rest of each row
         patches_rest = not store_keys and R + P > 0
         if N > P and not patches_rest:
-            attn_received_kernel[(triton.cdiv(N - P, rcfg.block_n) * B * H,)](
-                *args, BLOCK_KEYS=rcfg.block_n, SMALL_SEGMENT=False, **common
+            # a key mask's bias rides through the query loop in registers: 128 keys would then spill on Hopper
+            block_keys = rcfg.block_n if key_bias is None else min(rcfg.block_n, 64)
+            attn_received_kernel[(triton.cdiv(N - P, block_keys) * B * H,)](
+                *args, BLOCK_KEYS=block_keys, SMALL_SEGMENT=False, COLSUM_MMA=q.dtype != torch.float32, **common
             )
         if R + P > 0:
             attn_received_kernel[(B * H,)](
@@ -1546,7 +1591,7 @@ def attention_forward_varlen(
         cfg = _varlen_config("forward", q, max_seqlen)
         tiles = triton.cdiv(max_seqlen, cfg.block_m)
         attn_fwd_kernel[(tiles * S * H,)](
-            q, k, v, rk, rv, out, lse, out_sq, lse, lse, cu_seqlens,
+            q, k, v, rk, rv, out, lse, out_sq, lse, lse, cu_seqlens, lse,
             0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1), *srk, *srv,
             H, T, R, P, 0, tiles, scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_S=_pow2_at_least(R + P),

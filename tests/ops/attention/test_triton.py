@@ -542,10 +542,35 @@ def test_received_groups_alone_equal_the_reference(R, P, N):
         assert torch.all(stats["received_groups"][..., 1:3] == 0)
 
 
-@pytest.mark.parametrize("N", [70, 133], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("N", [17, 104, 169], ids=lambda n: f"N{n}")
+def test_received_in_half_precision_sums_probabilities_on_tensor_cores(N, monkeypatch):
+    """In float16 / bfloat16 the received pass sums each key's probabilities with a tensor-core product (float16
+    probabilities, float32 accumulation): within 2e-3 of the float32 reference, and every query's probabilities
+    still sum to 1. 64-row tiles: N = 104 and 169 split their query tails (40 -> 32 + 16, 41 -> 32 + 16)."""
+    from regkern.ops.attention import configs
+
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.TileConfig(64, 64, 4, 1))
+    B, H, d, R, P = 2, 2, 32, 4, 5
+    q, k, v = packed_qkv(B, N, H, d, dtype=torch.float16, device=DEVICE, seed=N)
+    reg_k, reg_v = registers(B, R, H, d, True, dtype=torch.float16, device=DEVICE)
+    _, _, stats = triton_kernels.attention_forward(
+        q, k, v, reg_k, reg_v, d**-0.5, P, stats=("received", "received_groups")
+    )
+    _, want = reference.register_attention(
+        q.float(), k.float(), v.float(), reg_k.float(), reg_v.float(), return_stats=("received",), num_prefix=P
+    )
+    torch.testing.assert_close(stats["received"], want["received"], atol=1e-4, rtol=2e-3)
+    torch.testing.assert_close(
+        stats["received"].sum(-1), torch.full((B, H), float(N), device=DEVICE), rtol=1e-3, atol=0
+    )
+    torch.testing.assert_close(stats["received_groups"], reference.received_groups(stats["received"], R, P))
+
+
+@pytest.mark.parametrize("N", [70, 104, 133], ids=lambda n: f"N{n}")
 def test_gpu_sized_tiles_peel_their_ragged_tails(N, monkeypatch):
     """With the GPU's 64-row tiles the ragged last tiles are peeled and shrunk (N = 70: a 16-row query tail in the
-    key-major passes; N - P = 65: a one-key tail in the forward); the interpreter's 16-row tiles never do that."""
+    key-major passes; N - P = 65: a one-key tail in the forward; N = 104: the received pass's 40-row query tail as
+    32 + 16 rows); the interpreter's 16-row tiles never do that."""
     from regkern.ops.attention import configs
 
     monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.TileConfig(64, 64, 4, 1))
