@@ -515,6 +515,7 @@ def attn_fwd_kernel(
 @triton.jit
 def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr):
     # the key tile a key-major program owns: the small segment (registers + prefix), or BLOCK_KEYS patch keys from P
+    # (the received pass, whose programs cover [registers, tokens] as one sequence, has its own: _received_key_tile)
     if SMALL_SEGMENT:
         pid_n, pid_bh, b, h = _program_coords(1, H)
         offs_j = tl.arange(0, BLOCK_KEYS)
@@ -524,6 +525,23 @@ def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr)
         offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
         valid = offs_j < N
     return pid_bh, b, h, offs_j, valid
+
+
+@triton.jit
+def _received_key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr, SKIP_SMALL: tl.constexpr):
+    # the received pass's keys are [R registers, N tokens] as one sequence: a program owns the small segment (its
+    # first R + P), or BLOCK_KEYS of the sequence from its start (no second launch for the small segment) or from
+    # R + P (SKIP_SMALL: the small segment has its own program, when that saves a whole tile)
+    if SMALL_SEGMENT:
+        pid_n, pid_bh, b, h = _program_coords(1, H)
+        offs_j = tl.arange(0, BLOCK_KEYS)
+        count = P
+    else:
+        start = R + P if SKIP_SMALL else 0
+        pid_n, pid_bh, b, h = _program_coords(tl.cdiv(R + N - start, BLOCK_KEYS), H)
+        offs_j = start + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+        count = N
+    return pid_bh, b, h, offs_j, offs_j < R + count, count
 
 
 @triton.jit
@@ -610,45 +628,29 @@ def attn_received_kernel(
     COLSUM_MMA: tl.constexpr = False,
     PATCHES_REST: tl.constexpr = False,
     TAIL_SPLIT_ROWS: tl.constexpr = 0,
+    SKIP_SMALL: tl.constexpr = False,
 ):
-    # Attention each key receives, summed over all queries: a second pass over the keys with the final lse.
+    # Attention each key receives, summed over all queries: a second pass over the keys with the final lse. The keys
+    # are [R registers, N tokens] as one sequence: BLOCK_KEYS of it per program (from R + P with SKIP_SMALL), or
+    # (SMALL_SEGMENT) its first R + P.
     # Keys past the end are zero rows whose sums are never stored, so only the ragged last query tile is masked.
     # STORE_KEYS writes the per-key sums (B, H, R + N); REDUCE_GROUPS adds them per key group into GROUPS (B, H, 4):
     # [KV registers, prefix token 0, prefix tokens 1.., patches], one atomic per (program, group). PATCHES_REST (the
     # small segment, when no program covers the patch keys): the patches' group is N minus the small segment's sums,
     # as each query's probabilities sum to 1; the group shares then cost one program per (batch, head).
-    pid_bh, b, h, offs_j, valid = _key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT)
+    pid_bh, b, h, offs_j, valid, count = _received_key_tile(N, P, R, H, BLOCK_KEYS, SMALL_SEGMENT, SKIP_SMALL)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    k_base = b * stride_kb + h * stride_kh
-    if SMALL_SEGMENT:
-        cols = offs_j
-        k = _load_small_segment(
-            K,
-            RK,
-            k_base,
-            b * stride_rkb + h * stride_rkh,
-            stride_kn,
-            stride_rkr,
-            offs_j,
-            offs_d,
-            d_mask,
-            R,
-            P,
-        )
-    else:
-        cols = R + offs_j
-        k = _load_rows(K + k_base, offs_j, stride_kn, offs_d, valid, d_mask)  # [BLOCK_KEYS, BLOCK_D]
+    rk_base = b * stride_rkb + h * stride_rkh
+    k = _load_small_segment(K, RK, b * stride_kb + h * stride_kh, rk_base, stride_kn, stride_rkr, offs_j, offs_d,
+                            d_mask, R, count)  # fmt: skip
     key_bias = tl.zeros([BLOCK_KEYS], dtype=tl.float32)  # [BLOCK_KEYS] the key mask of this program's keys
+    if HAS_KEY_BIAS:  # registers are never masked
+        key_bias = _key_bias(KEY_BIAS + b * N, offs_j - R, (offs_j >= R) & valid, True)
     if COLSUM_MMA:
         colsum = tl.zeros([BLOCK_KEYS, 16], dtype=tl.float32)
     else:
         colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
-    if HAS_KEY_BIAS:
-        if SMALL_SEGMENT:
-            key_bias = _key_bias(KEY_BIAS + b * N, offs_j - R, (offs_j >= R) & valid, True)
-        else:
-            key_bias = _key_bias(KEY_BIAS + b * N, offs_j, valid, True)
     q_base = Q + b * stride_qb + h * stride_qh
     q_offs = _tile_offsets(tl.arange(0, BLOCK_M), stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
     lse2_bh = LSE2 + pid_bh * N  # the forward's lse in log2 units
@@ -671,20 +673,15 @@ def attn_received_kernel(
     if COLSUM_MMA:
         colsum = tl.sum(colsum, axis=1)  # [BLOCK_KEYS]: the first column, the others are 0
     if STORE_KEYS:
-        tl.store(RECEIVED + pid_bh * (R + N) + cols, colsum, mask=valid)
-    if REDUCE_GROUPS:
+        tl.store(RECEIVED + pid_bh * (R + N) + offs_j, colsum, mask=valid)
+    if REDUCE_GROUPS:  # [KV registers, prefix token 0, prefix tokens 1.., patches]: one atomic per group
         colsum = tl.where(valid, colsum, 0.0)  # [BLOCK_KEYS]
-        if SMALL_SEGMENT:
-            groups = tl.arange(0, 4)
-            key_group = tl.where(offs_j < R, 0, tl.where(offs_j == R, 1, 2))
-            part = tl.sum(tl.where(key_group[:, None] == groups[None, :], colsum[:, None], 0.0), axis=0)  # [4]
-            if PATCHES_REST:  # no pass over the patch keys: each of the N rows sums to 1, the patches get the rest
-                part = tl.where(groups == 3, N - tl.sum(part, axis=0), part)
-                tl.atomic_add(GROUPS + pid_bh * 4 + groups, part)
-            else:
-                tl.atomic_add(GROUPS + pid_bh * 4 + groups, part, mask=groups < 3)
-        else:
-            tl.atomic_add(GROUPS + pid_bh * 4 + 3, tl.sum(colsum, axis=0))
+        groups = tl.arange(0, 4)
+        key_group = tl.where(offs_j < R, 0, tl.where(offs_j < R + P, tl.where(offs_j == R, 1, 2), 3))
+        part = tl.sum(tl.where(key_group[:, None] == groups[None, :], colsum[:, None], 0.0), axis=0)  # [4]
+        if PATCHES_REST:  # no pass over the patch keys: each of the N rows sums to 1, the patches get the rest
+            part = tl.where(groups == 3, N - tl.sum(part, axis=0), part)
+        tl.atomic_add(GROUPS + pid_bh * 4 + groups, part)
 
 
 @triton.jit
@@ -1238,8 +1235,10 @@ def attention_forward(
     ``stats``: any of "out_norm", "prefix_rows", "received", "received_groups" (see ``reference.AttentionStats``);
     then the call returns ``(out, lse, {name: tensor})``. out_norm and prefix_rows come from the forward's epilogue
     (per-head squared norms, the prefix queries' scores normalised with the final lse); received takes a second pass
-    over the keys; received_groups alone (what NormMonitor runs) only over the small segment of registers and prefix
-    tokens, one program per (batch, head), the patches getting the rest of each row (atomics into (B, H, 4)).
+    over the registers and tokens as one key sequence (in half precision its sums over the queries are tensor-core
+    products of float16 probabilities, accumulated in float32: relative error below 2^-11 per probability);
+    received_groups alone (what NormMonitor runs) only over the small segment of registers and prefix tokens, one
+    program per (batch, head), the patches getting the rest of each row (atomics into (B, H, 4)).
 
     ``key_bias``: a key mask as an additive bias (B, N) float32 over the token keys, in the units of the scaled scores
     (as SDPA's; -inf = masked; registers are never masked). A row whose keys are all masked attends to the registers
@@ -1376,17 +1375,21 @@ def attention_forward(
             # the key mask's bias stays in registers through the query loop: one stage fewer before Hopper
             num_stages=rcfg.num_stages if key_bias is None or _hopper(q) else min(rcfg.num_stages, 2),
         )
-        # the group shares alone need only the small segment: the patches get the rest of each row
-        patches_rest = not store_keys and R + P > 0
-        if N > P and not patches_rest:
-            # a key mask's bias rides through the query loop in registers: 128 keys would then spill on Hopper
-            block_keys = rcfg.block_n if key_bias is None else min(rcfg.block_n, 64)
-            attn_received_kernel[(triton.cdiv(N - P, block_keys) * B * H,)](
-                *args, BLOCK_KEYS=block_keys, SMALL_SEGMENT=False, COLSUM_MMA=q.dtype != torch.float32, **common
-            )
-        if R + P > 0:
+        # a key mask's bias rides through the query loop in registers: 128 keys would then spill on Hopper
+        block_keys = rcfg.block_n if key_bias is None else min(rcfg.block_n, 64)
+        # per-key sums: tiles over [registers, tokens], or over the patches plus a program for the small segment
+        # when that makes a tile fewer (N = 261, R = 4, P = 5: 2 tiles of 128 + 16 keys instead of 3 tiles)
+        skip_small = R + P > 0 and triton.cdiv(N - P, block_keys) < triton.cdiv(R + N, block_keys)
+        if store_keys or R + P == 0:
+            grid = triton.cdiv(R + N - (R + P if skip_small else 0), block_keys) * B * H
+            attn_received_kernel[(grid,)](
+                *args, BLOCK_KEYS=block_keys, SMALL_SEGMENT=False, SKIP_SMALL=skip_small,
+                COLSUM_MMA=q.dtype != torch.float32, **common,
+            )  # fmt: skip
+        if R + P > 0 and (skip_small or not store_keys):
+            # without per-key sums the group shares need only the small segment: the patches get the rest of each row
             attn_received_kernel[(B * H,)](
-                *args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, PATCHES_REST=patches_rest, **common
+                *args, BLOCK_KEYS=_pow2_at_least(R + P), SMALL_SEGMENT=True, PATCHES_REST=not store_keys, **common
             )
         if store_keys:
             results["received"] = received
