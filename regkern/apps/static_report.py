@@ -329,7 +329,7 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
     def key_bias(masked: bool):
         return torch.empty(B, N, dtype=torch.float32, device="cuda") if masked else None
 
-    def forward(stats=(), prologue=False, masked=False):
+    def forward(stats=(), prologue=False, masked=False, rope_heads=()):
         def run():
             q, k, v, rk, rv = inputs()
             norms = {}
@@ -337,7 +337,7 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
             if prologue:
                 w = torch.empty(d, dtype=dtype, device="cuda")
                 norms = dict(qk_norm=True, q_norm_weight=w, q_norm_bias=w, k_norm_weight=w, k_norm_bias=w)
-                rope = torch.empty(N - P, 2 * d, dtype=torch.float32, device="cuda")
+                rope = torch.empty(*rope_heads, N - P, 2 * d, dtype=torch.float32, device="cuda")
             kernels.attention_forward(
                 q, k, v, rk, rv, d**-0.5, P, stats=stats, rope=rope, key_bias=key_bias(masked), **norms
             )
@@ -359,6 +359,8 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         _Case("forward+received", forward(("received",)), name, dt),
         _Case("forward+received_groups", forward(("received_groups",)), name, dt),  # what the norm monitor runs
         _Case("forward+qk_norm+rope", forward(prologue=True), name, dt),
+        # a table per head (timm's mixed RoPE): the pre-pass builds its coefficients per head
+        _Case("forward+qk_norm+rope_per_head", forward(prologue=True, rope_heads=(H,)), name, dt),
         _Case("forward+key_mask", forward(masked=True), name, dt),
         _Case("forward+key_mask+received_groups", forward(("received_groups",), masked=True), name, dt),
         _Case("forward+key_mask+received", forward(("received",), masked=True), name, dt),

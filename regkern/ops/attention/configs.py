@@ -9,14 +9,15 @@ keep CPU tests fast.
 Roles (what each config's fields mean):
     forward            query tile BLOCK_M, key tile BLOCK_N (attn_fwd_kernel)
     prologue           the qk_norm / RoPE pre-pass: BLOCK_M tokens per program (BLOCK_N unused)
-    received           query tile BLOCK_M per step, BLOCK_N keys per program (attn_received_kernel)
+    received           query tile BLOCK_M per step, BLOCK_N keys per program (attn_received_kernel; at most 64
+                       with a key mask, whose bias would spill 128 keys' registers on Hopper)
     backward_dkdv      query tile BLOCK_M per step, BLOCK_N keys per program (attn_bwd_dkdv_kernel)
     backward_dq        query tile BLOCK_M, key tile BLOCK_N (attn_bwd_dq_kernel; it also computes the small
                        segment's dK, dV shares)
 
 Besides these tiles, the launchers specialise on whether N (or N - P) leaves a ragged last tile and on its size
-rounded up to a power of two (``HAS_TAIL``, ``TAIL_ROWS``): Triton compiles one variant per such class of N, a
-handful per model.
+rounded up to a power of two (``HAS_TAIL``, ``TAIL_ROWS``; the received pass may split it in two power-of-two pieces,
+``TAIL_SPLIT_ROWS``): Triton compiles one variant per such class of N, a handful per model.
 
 The figures behind the choices are static (registers, spills, shared memory, issued instructions; see
 ``benchmarks/results/static``) until a GPU measures them.

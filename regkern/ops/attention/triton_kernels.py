@@ -28,6 +28,13 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+#: The received pass reads the lse in log2 units minus this (written by the forward, STORE_LSE2), so that its
+#: probabilities come scaled by 2^15 (at most 32768): float16 keeps them normal down to 2^-29, and the per-query
+#: multiply to log2 units is gone; the sums are scaled back once per key.
+PROB_LOG2_SHIFT = tl.constexpr(15.0)
+PROB_UNSCALE = tl.constexpr(2.0**-15)
+
+
 @triton.jit
 def _load_rows(base, rows, row_stride, offs_d, row_mask, d_mask):
     # (len(rows), BLOCK_D) tile of a strided (rows, d) matrix; masked elements are 0
@@ -61,8 +68,8 @@ def _prologue_tile(
     ROTATE_HALF: tl.constexpr,
 ):
     # One [T, BLOCK_D] tile of q or k (src, dst: pointers in the caller's column order): LayerNorm over d, then
-    # RoPE, in float32 and rounded once at the store. coef, made once per program: (w, bias) [BLOCK_D] without
-    # RoPE, else _rope_coefficients' six tiles.
+    # RoPE, in float32 and rounded once at the store. coef, made once per program (per head when the RoPE table
+    # differs per head): (w, bias) [BLOCK_D] without RoPE, else _rope_coefficients' six tiles.
     x = tl.load(src, mask=mask, other=0.0)  # [T, BLOCK_D]
     y = x.to(tl.float32)
     if QK_NORM:
@@ -75,7 +82,11 @@ def _prologue_tile(
     if USE_ROPE:
         a_self, a_other, a_const, b_self, b_other, b_const = coef  # [T, BLOCK_D / 2] each
         ya, yb = _rope_pairs(y, ROTATE_HALF)
-        y = _rope_unpair(a_self * ya + (a_other * yb + a_const), b_self * yb + (b_other * ya + b_const), ROTATE_HALF)
+        if QK_NORM:
+            out_a, out_b = a_self * ya + (a_other * yb + a_const), b_self * yb + (b_other * ya + b_const)
+        else:  # no affine bias: the constant tiles are 0
+            out_a, out_b = a_self * ya + a_other * yb, b_self * yb + b_other * ya
+        y = _rope_unpair(out_a, out_b, ROTATE_HALF)
     elif QK_NORM:
         w, b = coef
         y = y * w[None, :] + b[None, :]
@@ -87,7 +98,7 @@ def _rope_coefficients(w, b, sa, sb, ca, cb, QK_NORM: tl.constexpr, ROTATE_HALF:
     # RoPE after the LayerNorm affine, folded: out_a = y_a cos_a - y_b sin_a and out_b = y_b cos_b + y_a sin_b for
     # each pair (a, b), where y = x^ w + bias, so out_a = (w_a cos_a) x^_a + (-w_b sin_a) x^_b + (bias_a cos_a -
     # bias_b sin_a) and likewise for b: six [T, BLOCK_D / 2] tiles (a_self, a_other, a_const, b_self, b_other,
-    # b_const), computed once per program and used for every head
+    # b_const), computed once per program (per head when the table differs per head) and used for every head
     if QK_NORM:
         wa, wb = _rope_pairs(tl.broadcast_to(w[None, :], [sa.shape[0], w.shape[0]]), ROTATE_HALF)
         b_a, b_b = _rope_pairs(tl.broadcast_to(b[None, :], [sa.shape[0], b.shape[0]]), ROTATE_HALF)
@@ -171,25 +182,30 @@ def attn_prologue_kernel(
     mask = row_mask[:, None] & col_ok[None, :]  # [T, BLOCK_D]
     rope_mask = mask & (rows >= P)[:, None]  # patch tokens only: prefix rows read sin = 0, cos = 1
     table = ROPE + b * stride_ropeb + (rows - P)[:, None] * stride_ropem + cols[None, :]  # [T, BLOCK_D] (head 0)
-    qw = tl.load(QNW + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-    qb = tl.load(QNB + cols, mask=col_ok, other=0.0).to(tl.float32)
-    kw = tl.load(KNW + cols, mask=col_ok, other=0.0).to(tl.float32)
-    kb = tl.load(KNB + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if USE_ROPE:
+    if QK_NORM:
+        qw = tl.load(QNW + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+        qb = tl.load(QNB + cols, mask=col_ok, other=0.0).to(tl.float32)
+        kw = tl.load(KNW + cols, mask=col_ok, other=0.0).to(tl.float32)
+        kb = tl.load(KNB + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:  # unused
+        qw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        qb, kw, kb = qw, qw, qw
+    if not USE_ROPE:
+        q_shared, k_shared = (qw, qb), (kw, kb)
+    elif not ROPE_PER_HEAD:
         sa, sb, ca, cb = _rope_tiles(table, rope_mask, HEAD_DIM, ROTATE_HALF)
-        q_coef = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
-        k_coef = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
-    else:
-        q_coef = (qw, qb)
-        k_coef = (kw, kb)
+        q_shared = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+        k_shared = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
     q_tile = Q + b * stride_qb + rows[:, None] * stride_qn + cols[None, :]  # [T, BLOCK_D] pointers of head 0
     k_tile = K + b * stride_kb + rows[:, None] * stride_kn + cols[None, :]
     out_tile = (b * N * H) * HEAD_DIM + rows[:, None] * (H * HEAD_DIM) + cols[None, :]  # offsets of head 0
     for h in range(H):
-        if ROPE_PER_HEAD:
+        if USE_ROPE and ROPE_PER_HEAD:
             sa, sb, ca, cb = _rope_tiles(table + h * stride_ropeh, rope_mask, HEAD_DIM, ROTATE_HALF)
             q_coef = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
             k_coef = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+        else:
+            q_coef, k_coef = q_shared, k_shared
         out = out_tile + h * HEAD_DIM
         _prologue_tile(
             q_tile + h * stride_qh, QO + out, mask, col_ok, q_coef, norm_eps,
@@ -402,7 +418,7 @@ def attn_fwd_kernel(
     VARLEN: tl.constexpr = False,
     STORE_LSE2: tl.constexpr = False,
 ):
-    # STORE_LSE2: the lse in log2 units into LSE2 too, for the received pass (one multiply fewer per query there).
+    # STORE_LSE2: the lse in log2 units, minus PROB_LOG2_SHIFT, into LSE2 too, for the received pass.
     # KEY_BIAS (B, N) float32: a key mask in raw-score units (bias / scale; -inf = masked), registers never masked.
     # This launch covers `tiles` query tiles from row first_row. The prefix queries, which record their attention
     # rows (STAT_PREFIX), get a small launch of their own, so that the other tiles carry none of that code.
@@ -509,22 +525,15 @@ def attn_fwd_kernel(
     lse2 = m_i + tl.log2(l_i)
     tl.store(LSE + stat_row + offs_m, lse2 * 0.6931471805599453, mask=m_mask)
     if STORE_LSE2:
-        tl.store(LSE2 + stat_row + offs_m, lse2, mask=m_mask)
+        tl.store(LSE2 + stat_row + offs_m, lse2 - PROB_LOG2_SHIFT, mask=m_mask)
 
 
 @triton.jit
-def _key_tile(N, P, R, H, BLOCK_KEYS: tl.constexpr, SMALL_SEGMENT: tl.constexpr):
-    # the key tile a key-major program owns: the small segment (registers + prefix), or BLOCK_KEYS patch keys from P
-    # (the received pass, whose programs cover [registers, tokens] as one sequence, has its own: _received_key_tile)
-    if SMALL_SEGMENT:
-        pid_n, pid_bh, b, h = _program_coords(1, H)
-        offs_j = tl.arange(0, BLOCK_KEYS)
-        valid = offs_j < R + P
-    else:
-        pid_n, pid_bh, b, h = _program_coords(tl.cdiv(N - P, BLOCK_KEYS), H)
-        offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
-        valid = offs_j < N
-    return pid_bh, b, h, offs_j, valid
+def _key_tile(N, P, H, BLOCK_KEYS: tl.constexpr):
+    # the BLOCK_KEYS patch keys from P that a key-major program of the dK/dV pass owns
+    pid_n, pid_bh, b, h = _program_coords(tl.cdiv(N - P, BLOCK_KEYS), H)
+    offs_j = P + pid_n * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+    return pid_bh, b, h, offs_j, offs_j < N
 
 
 @triton.jit
@@ -565,8 +574,9 @@ def _received_query_tile(
     HAS_KEY_BIAS: tl.constexpr,
     COLSUM_MMA: tl.constexpr,
 ):
-    # the probabilities of ROWS queries from `start` on this program's keys, summed over the queries; the ragged
-    # last tile (MASK) is ROWS = the tail rounded up to a power of 2 and computes its own offsets.
+    # the probabilities (scaled by 2^PROB_LOG2_SHIFT, see LSE2_BH) of ROWS queries from `start` on this program's keys,
+    # summed over the queries; a piece of the ragged last tile (MASK; ROWS from _tail_pieces) computes its own
+    # offsets.
     # COLSUM_MMA: colsum is a [BLOCK_KEYS, 16] accumulator and the sum over the queries is a tensor-core product
     # with a ones column (float16 probabilities, float32 accumulation, as flash attention's P V), which issues
     # fewer instructions than one FADD per score; its first column is the sum.
@@ -672,6 +682,7 @@ def attn_received_kernel(
         )  # fmt: skip
     if COLSUM_MMA:
         colsum = tl.sum(colsum, axis=1)  # [BLOCK_KEYS]: the first column, the others are 0
+    colsum = colsum * PROB_UNSCALE  # the probabilities were scaled by 2^PROB_LOG2_SHIFT
     if STORE_KEYS:
         tl.store(RECEIVED + pid_bh * (R + N) + offs_j, colsum, mask=valid)
     if REDUCE_GROUPS:  # [KV registers, prefix token 0, prefix tokens 1.., patches]: one atomic per group
@@ -681,7 +692,7 @@ def attn_received_kernel(
         part = tl.sum(tl.where(key_group[:, None] == groups[None, :], colsum[:, None], 0.0), axis=0)  # [4]
         if PATCHES_REST:  # no pass over the patch keys: each of the N rows sums to 1, the patches get the rest
             part = tl.where(groups == 3, N - tl.sum(part, axis=0), part)
-        tl.atomic_add(GROUPS + pid_bh * 4 + groups, part)
+        tl.atomic_add(GROUPS + pid_bh * 4 + groups, part, mask=part != 0)
 
 
 @triton.jit
@@ -793,7 +804,7 @@ def attn_bwd_dkdv_kernel(
         do_off = start_row * stride_don + h * stride_doh
         out_row = start_row
     else:
-        pid_bh, b, h, offs_j, valid = _key_tile(N, P, 0, H, BLOCK_KEYS, False)
+        pid_bh, b, h, offs_j, valid = _key_tile(N, P, H, BLOCK_KEYS)
         stat_row = pid_bh * N
         q_off = b * stride_qb + h * stride_qh
         k_off = b * stride_kb + h * stride_kh
@@ -1360,13 +1371,14 @@ def attention_forward(
             scale * LOG2E,
         )
         rcfg = _config("received", q)
+        tail_pieces = _tail_pieces(N % rcfg.block_m)
         common = dict(
             HEAD_DIM=d,
             BLOCK_M=rcfg.block_m,
             BLOCK_D=_pow2_at_least(d),
             HAS_TAIL=N % rcfg.block_m != 0,
-            TAIL_SPLIT_ROWS=_tail_pieces(N % rcfg.block_m)[0],
-            TAIL_ROWS=_tail_pieces(N % rcfg.block_m)[1],
+            TAIL_SPLIT_ROWS=tail_pieces[0],
+            TAIL_ROWS=tail_pieces[1],
             DOT_PRECISION=_dot_precision(q.dtype),
             STORE_KEYS=store_keys,
             REDUCE_GROUPS=reduce_groups,
@@ -1380,8 +1392,8 @@ def attention_forward(
         # per-key sums: tiles over [registers, tokens], or over the patches plus a program for the small segment
         # when that makes a tile fewer (N = 261, R = 4, P = 5: 2 tiles of 128 + 16 keys instead of 3 tiles)
         skip_small = R + P > 0 and triton.cdiv(N - P, block_keys) < triton.cdiv(R + N, block_keys)
-        if store_keys or R + P == 0:
-            grid = triton.cdiv(R + N - (R + P if skip_small else 0), block_keys) * B * H
+        grid = triton.cdiv(R + N - (R + P if skip_small else 0), block_keys) * B * H
+        if (store_keys or R + P == 0) and grid:
             attn_received_kernel[(grid,)](
                 *args, BLOCK_KEYS=block_keys, SMALL_SEGMENT=False, SKIP_SMALL=skip_small,
                 COLSUM_MMA=q.dtype != torch.float32, **common,

@@ -301,23 +301,25 @@ def test_fused_qk_norm_and_rope_forward_and_backward(case):
             assert max_error(a, w) <= 3 * max_error(b, w), (name, max_error(a, w), max_error(b, w))
 
 
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qknorm", "rope-only"])
 @pytest.mark.parametrize("half", [False, True], ids=["interleaved", "half"])
-@pytest.mark.parametrize("table", ["per-head", "per-batch-and-head", "shared"])
+@pytest.mark.parametrize("table", ["per-head", "per-batch-and-head", "per-batch", "shared"])
 @pytest.mark.parametrize("dt", ["fp32", "fp16"])
-def test_prologue_pre_pass_with_rope_tables_per_head_and_per_batch(dt, table, half):
-    """The pre-pass loads the sin/cos tile once per program when the table is shared by the heads, per head
-    otherwise; both within 2x PyTorch's error (timm's prologue) against float64. Ragged N = 17 (16-token tiles)."""
+def test_prologue_pre_pass_with_rope_tables_per_head_and_per_batch(dt, table, half, qk_norm):
+    """The pre-pass folds the sin/cos tile into its coefficients once per program when the table is shared by the
+    heads, per head otherwise; both within 2x PyTorch's error (timm's prologue) against float64. Ragged N = 17
+    (16-token tiles)."""
     B, N, H, d, P = 2, 17, 3, 16, 2
     dtype = DTYPES[dt]
     q, k, _ = packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=N)
     g = torch.Generator().manual_seed(7)
     w, b = (torch.randn(2, d, generator=g) * 0.5 + 1).to(DEVICE, dtype)
-    lead = {"per-head": (H,), "per-batch-and-head": (B, H), "shared": ()}[table]
+    lead = {"per-head": (H,), "per-batch-and-head": (B, H), "per-batch": (B, 1), "shared": ()}[table]
     rope = torch.randn(*lead, N - P, 2 * d, generator=g).to(DEVICE)
-    got_q, got_k = triton_kernels.qk_prologue(q, k, w, b, b, w, 1e-5, True, rope, P, half)
+    got_q, got_k = triton_kernels.qk_prologue(q, k, w, b, b, w, 1e-5, qk_norm, rope, P, half)
     for t, got, (nw, nb) in ((q, got_q, (w, b)), (k, got_k, (b, w))):
-        want = reference.qk_prologue(t, nw, nb, 1e-5, True, rope, P, half)
-        want64 = reference.qk_prologue(t.double(), nw.double(), nb.double(), 1e-5, True, rope.double(), P, half)
+        want = reference.qk_prologue(t, nw, nb, 1e-5, qk_norm, rope, P, half)
+        want64 = reference.qk_prologue(t.double(), nw.double(), nb.double(), 1e-5, qk_norm, rope.double(), P, half)
         floor = 4 * torch.finfo(dtype).eps * want64.abs().max().item()
         assert max_error(got, want64) <= 2 * max(max_error(want, want64), floor)
 
@@ -542,28 +544,69 @@ def test_received_groups_alone_equal_the_reference(R, P, N):
         assert torch.all(stats["received_groups"][..., 1:3] == 0)
 
 
-@pytest.mark.parametrize("N", [17, 104, 169], ids=lambda n: f"N{n}")
-def test_received_in_half_precision_sums_probabilities_on_tensor_cores(N, monkeypatch):
-    """In float16 / bfloat16 the received pass sums each key's probabilities with a tensor-core product (float16
-    probabilities, float32 accumulation): within 2e-3 of the float32 reference, and every query's probabilities
-    still sum to 1. 64-row tiles: N = 104 and 169 split their query tails (40 -> 32 + 16, 41 -> 32 + 16)."""
+RECEIVED_HALF_CASES = [
+    # (tile, N, R, masked): 64-row tiles split the query tails of N = 104 and 169 (40 -> 32 + 16, 41 -> 32 + 16);
+    # R = 0 puts the prefix and patch keys in one program; Hopper's 128 x 128 tiles split 222 % 128 = 94 into
+    # 64 + 32, and a key mask takes 64 keys per program there
+    (64, 17, 4, False),
+    (64, 104, 4, False),
+    (64, 169, 4, False),
+    (64, 17, 0, False),
+    (128, 222, 4, False),
+    (128, 150, 4, True),
+]
+
+
+@pytest.mark.parametrize(
+    "case", RECEIVED_HALF_CASES, ids=lambda c: f"tile{c[0]}-" + case_id(N=c[1], R=c[2]) + ("-masked" if c[3] else "")
+)
+def test_received_in_half_precision_sums_probabilities_on_tensor_cores(case, monkeypatch):
+    """In float16 the received pass sums each key's probabilities with a tensor-core product (float16 probabilities
+    scaled by 2^15, float32 accumulation): within 2e-3 of the float32 reference, and every query's probabilities still
+    sum to 1. One patch key gets probabilities near 4e-7 from every query (below float16's smallest normal number
+    unless scaled): its sum is within 2e-3 too."""
     from regkern.ops.attention import configs
 
-    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.TileConfig(64, 64, 4, 1))
-    B, H, d, R, P = 2, 2, 32, 4, 5
-    q, k, v = packed_qkv(B, N, H, d, dtype=torch.float16, device=DEVICE, seed=N)
+    tile, N, R, masked = case
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.TileConfig(tile, tile, 4, 1))
+    B, H, d, P = 2, 2, 32, 5
+    q, k, v = packed_qkv(B, N, H, d, dtype=torch.float32, device=DEVICE, seed=N)
+    u = torch.ones(d, device=DEVICE)
+    q = q + u  # a common direction: the planted key below scores about -10 against every query
+    k = k.clone()
+    k[:, P] = -1.7 * u
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))
     reg_k, reg_v = registers(B, R, H, d, True, dtype=torch.float16, device=DEVICE)
+    key_bias = None
+    if masked:
+        key_bias = torch.zeros(B, N, device=DEVICE)
+        key_bias[:, N // 2 :: 3] = float("-inf")
     _, _, stats = triton_kernels.attention_forward(
-        q, k, v, reg_k, reg_v, d**-0.5, P, stats=("received", "received_groups")
+        q, k, v, reg_k, reg_v, d**-0.5, P, stats=("received", "received_groups"), key_bias=key_bias
     )
-    _, want = reference.register_attention(
-        q.float(), k.float(), v.float(), reg_k.float(), reg_v.float(), return_stats=("received",), num_prefix=P
-    )
-    torch.testing.assert_close(stats["received"], want["received"], atol=1e-4, rtol=2e-3)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    rk32, rv32 = (None, None) if R == 0 else (reg_k.float(), reg_v.float())
+    if masked:  # reference: the masked keys' scores at -inf, as the float64 oracle of the key-mask tests
+        s = torch.einsum("bnhd,bmhd->bhnm", q32, torch.cat([reference.batched_registers(rk32, B), k32], 1))
+        s = s * d**-0.5 + torch.cat([torch.zeros(B, R, device=DEVICE), key_bias], 1)[:, None, None, :]
+        want = s.softmax(-1).sum(2)
+    else:
+        _, ref = reference.register_attention(q32, k32, v32, rk32, rv32, return_stats=("received",), num_prefix=P)
+        want = ref["received"]
+    torch.testing.assert_close(stats["received"], want, atol=1e-4, rtol=2e-3)
+    planted = stats["received"][:, :, R + P]
+    assert want[:, :, R + P].max() < 1e-3, "the planted key should receive little"
+    torch.testing.assert_close(planted, want[:, :, R + P], atol=0, rtol=2e-3)
     torch.testing.assert_close(
         stats["received"].sum(-1), torch.full((B, H), float(N), device=DEVICE), rtol=1e-3, atol=0
     )
     torch.testing.assert_close(stats["received_groups"], reference.received_groups(stats["received"], R, P))
+
+
+def test_tail_pieces_split_a_ragged_query_tail_only_where_it_saves_rows():
+    assert [triton_kernels._tail_pieces(t) for t in (1, 5, 16, 17, 33, 40, 64, 69, 94, 100, 127)] == [
+        (0, 16), (0, 16), (0, 16), (0, 32), (32, 16), (32, 16), (0, 64), (64, 16), (64, 32), (0, 128), (0, 128),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("N", [70, 104, 133], ids=lambda n: f"N{n}")
