@@ -235,13 +235,14 @@ def _varlen_sequence(CU_SEQLENS, b, h, total):
 
 
 @triton.jit
-def _load_small_segment(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, P):
-    # keys [R registers from their own buffer, P prefix tokens from K] as one tile; rows >= R + P are 0
+def _load_small_segment(K, RK, k_base, rk_base, stride_kn, stride_rkr, offs_s, offs_d, d_mask, R, count):
+    # rows offs_s of the key sequence [R registers from their own buffer, `count` tokens from K] as one tile (the
+    # small segment: count = P); rows >= R + count are 0
     is_reg = offs_s < R
-    is_pre = (offs_s >= R) & (offs_s < R + P)
+    is_tok = (offs_s >= R) & (offs_s < R + count)
     reg = _load_rows(RK + rk_base, offs_s, stride_rkr, offs_d, is_reg, d_mask)
-    pre = _load_rows(K + k_base, offs_s - R, stride_kn, offs_d, is_pre, d_mask)
-    return reg + pre
+    tok = _load_rows(K + k_base, offs_s - R, stride_kn, offs_d, is_tok, d_mask)
+    return reg + tok
 
 
 @triton.jit
@@ -574,8 +575,8 @@ def _received_query_tile(
     HAS_KEY_BIAS: tl.constexpr,
     COLSUM_MMA: tl.constexpr,
 ):
-    # the probabilities (scaled by 2^PROB_LOG2_SHIFT, see LSE2_BH) of ROWS queries from `start` on this program's keys,
-    # summed over the queries; a piece of the ragged last tile (MASK; ROWS from _tail_pieces) computes its own
+    # the probabilities (scaled by 2^PROB_LOG2_SHIFT through LSE2_BH) of ROWS queries from `start` on this program's
+    # keys, summed over the queries; a piece of the ragged last tile (MASK; ROWS from _tail_pieces) computes its own
     # offsets.
     # COLSUM_MMA: colsum is a [BLOCK_KEYS, 16] accumulator and the sum over the queries is a tensor-core product
     # with a ones column (float16 probabilities, float32 accumulation, as flash attention's P V), which issues
@@ -663,7 +664,7 @@ def attn_received_kernel(
         colsum = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
     q_offs = _tile_offsets(tl.arange(0, BLOCK_M), stride_qn, offs_d)  # [BLOCK_M, BLOCK_D], hoisted
-    lse2_bh = LSE2 + pid_bh * N  # the forward's lse in log2 units
+    lse2_bh = LSE2 + pid_bh * N  # the forward's lse in log2 units, minus PROB_LOG2_SHIFT
     end_full = (N // BLOCK_M) * BLOCK_M
     for start in range(0, end_full, BLOCK_M):
         colsum = _received_query_tile(
