@@ -57,7 +57,8 @@ def _program_coords(num_tiles, H):
 def _prologue_tile(
     src,
     dst,
-    mask,
+    load_mask,
+    store_mask,
     col_ok,
     coef,
     eps,
@@ -66,11 +67,17 @@ def _prologue_tile(
     QK_NORM: tl.constexpr,
     USE_ROPE: tl.constexpr,
     ROTATE_HALF: tl.constexpr,
+    FOLDED: tl.constexpr,
 ):
     # One [T, BLOCK_D] tile of q or k (src, dst: pointers in the caller's column order): LayerNorm over d, then
-    # RoPE, in float32 and rounded once at the store. coef, made once per program (per head when the RoPE table
-    # differs per head): (w, bias) [BLOCK_D] without RoPE, else _rope_coefficients' six tiles.
-    x = tl.load(src, mask=mask, other=0.0)  # [T, BLOCK_D]
+    # RoPE, in float32 and rounded once at the store. coef: (w, bias) [BLOCK_D] without RoPE; with a RoPE table
+    # shared by the heads (FOLDED) _rope_coefficients' six tiles, made once per program; with one per head
+    # (w, bias, sin_a, sin_b, cos_a, cos_b): folding would cost more per head than applying the affine and the
+    # rotation in turn.
+    if BLOCK_D == HEAD_DIM:  # in-bounds rows, every column real: no mask
+        x = tl.load(src)  # [T, BLOCK_D]
+    else:  # padded columns read 0
+        x = tl.load(src, mask=load_mask, other=0.0)
     y = x.to(tl.float32)
     if QK_NORM:
         mean = tl.sum(y, axis=1) * (1.0 / HEAD_DIM)  # [T]
@@ -79,7 +86,7 @@ def _prologue_tile(
             yc = tl.where(col_ok[None, :], yc, 0.0)
         rstd = tl.math.rsqrt(tl.sum(yc * yc, axis=1) * (1.0 / HEAD_DIM) + eps)  # [T]
         y = yc * rstd[:, None]
-    if USE_ROPE:
+    if USE_ROPE and FOLDED:
         a_self, a_other, a_const, b_self, b_other, b_const = coef  # [T, BLOCK_D / 2] each
         ya, yb = _rope_pairs(y, ROTATE_HALF)
         if QK_NORM:
@@ -87,10 +94,16 @@ def _prologue_tile(
         else:  # no affine bias: the constant tiles are 0
             out_a, out_b = a_self * ya + a_other * yb, b_self * yb + b_other * ya
         y = _rope_unpair(out_a, out_b, ROTATE_HALF)
+    elif USE_ROPE:
+        w, b, sa, sb, ca, cb = coef
+        if QK_NORM:
+            y = y * w[None, :] + b[None, :]
+        ya, yb = _rope_pairs(y, ROTATE_HALF)
+        y = _rope_unpair(ya * ca - yb * sa, yb * cb + ya * sb, ROTATE_HALF)
     elif QK_NORM:
         w, b = coef
         y = y * w[None, :] + b[None, :]
-    tl.store(dst, y.to(x.dtype), mask=mask)
+    tl.store(dst, y.to(x.dtype), mask=store_mask)
 
 
 @triton.jit
@@ -98,7 +111,7 @@ def _rope_coefficients(w, b, sa, sb, ca, cb, QK_NORM: tl.constexpr, ROTATE_HALF:
     # RoPE after the LayerNorm affine, folded: out_a = y_a cos_a - y_b sin_a and out_b = y_b cos_b + y_a sin_b for
     # each pair (a, b), where y = x^ w + bias, so out_a = (w_a cos_a) x^_a + (-w_b sin_a) x^_b + (bias_a cos_a -
     # bias_b sin_a) and likewise for b: six [T, BLOCK_D / 2] tiles (a_self, a_other, a_const, b_self, b_other,
-    # b_const), computed once per program (per head when the table differs per head) and used for every head
+    # b_const), computed once per program and used for every head (a table shared by the heads only)
     if QK_NORM:
         wa, wb = _rope_pairs(tl.broadcast_to(w[None, :], [sa.shape[0], w.shape[0]]), ROTATE_HALF)
         b_a, b_b = _rope_pairs(tl.broadcast_to(b[None, :], [sa.shape[0], b.shape[0]]), ROTATE_HALF)
@@ -190,30 +203,49 @@ def attn_prologue_kernel(
     else:  # unused
         qw = tl.zeros([BLOCK_D], dtype=tl.float32)
         qb, kw, kb = qw, qw, qw
-    if not USE_ROPE:
-        q_shared, k_shared = (qw, qb), (kw, kb)
-    elif not ROPE_PER_HEAD:
+    if USE_ROPE and not ROPE_PER_HEAD:  # folded once per program
         sa, sb, ca, cb = _rope_tiles(table, rope_mask, HEAD_DIM, ROTATE_HALF)
-        q_shared = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
-        k_shared = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
-    q_tile = Q + b * stride_qb + rows[:, None] * stride_qn + cols[None, :]  # [T, BLOCK_D] pointers of head 0
-    k_tile = K + b * stride_kb + rows[:, None] * stride_kn + cols[None, :]
+        q_coef = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+        k_coef = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+    else:  # the affine; with a table per head, _prologue_heads loads each head's sin/cos
+        q_coef, k_coef = (qw, qb), (kw, kb)
+    # loads read in-bounds rows (a ragged tile's last rows repeat row N - 1; only rows < N are stored), so that
+    # they need no mask (nor the fill values a mask costs) unless d is padded
+    load_rows = tl.minimum(rows, N - 1)
+    load_mask = tl.broadcast_to(col_ok[None, :], [BLOCK_T, BLOCK_D])  # all true unless d is padded
+    q_tile = Q + b * stride_qb + load_rows[:, None] * stride_qn + cols[None, :]  # [T, BLOCK_D] pointers of head 0
+    k_tile = K + b * stride_kb + load_rows[:, None] * stride_kn + cols[None, :]
     out_tile = (b * N * H) * HEAD_DIM + rows[:, None] * (H * HEAD_DIM) + cols[None, :]  # offsets of head 0
+    tiles = (q_tile, k_tile, QO + out_tile, KO + out_tile, load_mask, mask, col_ok)
+    _prologue_heads(
+        tiles, table, rope_mask, q_coef, k_coef, stride_qh, stride_kh, stride_ropeh, H, norm_eps,
+        HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF, ROPE_PER_HEAD,
+    )  # fmt: skip
+
+
+@triton.jit
+def _prologue_heads(
+    tiles, table, rope_mask, q_coef, k_coef, stride_qh, stride_kh, stride_ropeh, H, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr,
+    ROTATE_HALF: tl.constexpr, ROPE_PER_HEAD: tl.constexpr,
+):  # fmt: skip
+    # every head of one program's tokens in turn: q' and k' of head h per step. q_coef, k_coef: (w, bias) with a
+    # RoPE table per head (this head's sin/cos are loaded here, under rope_mask), else their _prologue_tile coef
+    q_tile, k_tile, q_out, k_out, load_mask, store_mask, col_ok = tiles
     for h in range(H):
-        if USE_ROPE and ROPE_PER_HEAD:
+        if USE_ROPE and ROPE_PER_HEAD:  # this head's sin/cos, shared by q and k
             sa, sb, ca, cb = _rope_tiles(table + h * stride_ropeh, rope_mask, HEAD_DIM, ROTATE_HALF)
-            q_coef = _rope_coefficients(qw, qb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
-            k_coef = _rope_coefficients(kw, kb, sa, sb, ca, cb, QK_NORM, ROTATE_HALF)
+            q_step = (q_coef[0], q_coef[1], sa, sb, ca, cb)
+            k_step = (k_coef[0], k_coef[1], sa, sb, ca, cb)
         else:
-            q_coef, k_coef = q_shared, k_shared
-        out = out_tile + h * HEAD_DIM
+            q_step, k_step = q_coef, k_coef
         _prologue_tile(
-            q_tile + h * stride_qh, QO + out, mask, col_ok, q_coef, norm_eps,
-            HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
+            q_tile + h * stride_qh, q_out + h * HEAD_DIM, load_mask, store_mask, col_ok, q_step, eps,
+            HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF, not ROPE_PER_HEAD,
         )  # fmt: skip
         _prologue_tile(
-            k_tile + h * stride_kh, KO + out, mask, col_ok, k_coef, norm_eps,
-            HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF,
+            k_tile + h * stride_kh, k_out + h * HEAD_DIM, load_mask, store_mask, col_ok, k_step, eps,
+            HEAD_DIM, BLOCK_D, QK_NORM, USE_ROPE, ROTATE_HALF, not ROPE_PER_HEAD,
         )  # fmt: skip
 
 
@@ -1166,20 +1198,31 @@ def qk_prologue(
     rope: Optional[torch.Tensor],
     num_prefix: int,
     rotate_half: bool,
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.qk_prologue`` of q and k in one pre-pass kernel, once per token: q', k' (B, N, H, d) contiguous in
     the input dtype, computed in float32 and rounded once (timm rounds after the LayerNorm too, so half-precision
     results can differ from the reference by that rounding). One program per 16 tokens of a batch row does every
-    head; the RoPE table and the LayerNorm affine are folded into per-token coefficients once per program (once
-    per head when the table differs per head). The forward runs it before its attention passes; the backward
-    recomputes q', k' with it."""
+    head; a RoPE table shared by the heads is folded with the LayerNorm affine into per-token coefficients once per
+    program, a table per head is applied as it is (the affine, then the rotation). The forward runs it before its
+    attention passes; the backward recomputes q', k' with it. ``out``: contiguous (B, N, H, d) buffers to write q',
+    k' into (tests pre-fill them with NaN)."""
     q, k = _last_dim_unit_stride(q), _last_dim_unit_stride(k)
     B, N, H, d = q.shape
     qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
     knw, knb = _norm_params(k_norm_weight, k_norm_bias, d, q)
     rope_t, srope = _rope_view(rope, B, H, num_prefix, q)
-    q_out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((B, N, H, d), dtype=k.dtype, device=k.device)
+    if out is None:
+        q_out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device)
+        k_out = torch.empty((B, N, H, d), dtype=k.dtype, device=k.device)
+    else:
+        q_out, k_out = out
+        for name, t in (("out[0]", q_out), ("out[1]", k_out)):
+            if t.shape != (B, N, H, d) or t.dtype != q.dtype or t.device != q.device or not t.is_contiguous():
+                raise ValueError(
+                    f"{name}: expected a contiguous {q.dtype} ({B}, {N}, {H}, {d}) tensor on {q.device}, got "
+                    f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                )
     cfg = _config("prologue", q)
     attn_prologue_kernel[(triton.cdiv(N, cfg.block_m) * B,)](
         q,
