@@ -359,7 +359,7 @@ def _attention_cases(name, B, N, H, d, P, dtype) -> list[_Case]:
         _Case("forward+received", forward(("received",)), name, dt),
         _Case("forward+received_groups", forward(("received_groups",)), name, dt),  # what the norm monitor runs
         _Case("forward+qk_norm+rope", forward(prologue=True), name, dt),
-        # a table per head (timm's mixed RoPE): the pre-pass builds its coefficients per head
+        # a table per head (timm's mixed RoPE): the pre-pass loads each head's sin/cos and rotates in turn
         _Case("forward+qk_norm+rope_per_head", forward(prologue=True, rope_heads=(H,)), name, dt),
         _Case("forward+key_mask", forward(masked=True), name, dt),
         _Case("forward+key_mask+received_groups", forward(("received_groups",), masked=True), name, dt),

@@ -1186,6 +1186,27 @@ def _norm_params(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], d
     return w.contiguous(), b.contiguous()
 
 
+def _prologue_outputs(out, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_prologue's (q', k') buffers: new ones, or ``out`` checked (two distinct contiguous tensors shaped and
+    typed as q and k, on their device)."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
+            k.shape, dtype=k.dtype, device=k.device
+        )
+    if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(isinstance(t, torch.Tensor) for t in out):
+        raise ValueError(f"out: expected a (q_out, k_out) pair of tensors, got {type(out).__name__}")
+    for name, t, like in (("out[0]", out[0], q), ("out[1]", out[1], k)):
+        if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or not t.is_contiguous():
+            layout = "contiguous" if t.is_contiguous() else "non-contiguous"
+            raise ValueError(
+                f"{name}: expected a contiguous {like.dtype} {tuple(like.shape)} tensor on {like.device}, got a "
+                f"{layout} {t.dtype} {tuple(t.shape)} tensor on {t.device}"
+            )
+    if out[0].untyped_storage().data_ptr() == out[1].untyped_storage().data_ptr():
+        raise ValueError("out: expected two tensors of their own storage, got out[0] and out[1] sharing one")
+    return out[0], out[1]
+
+
 def qk_prologue(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1212,17 +1233,7 @@ def qk_prologue(
     qnw, qnb = _norm_params(q_norm_weight, q_norm_bias, d, q)
     knw, knb = _norm_params(k_norm_weight, k_norm_bias, d, q)
     rope_t, srope = _rope_view(rope, B, H, num_prefix, q)
-    if out is None:
-        q_out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device)
-        k_out = torch.empty((B, N, H, d), dtype=k.dtype, device=k.device)
-    else:
-        q_out, k_out = out
-        for name, t in (("out[0]", q_out), ("out[1]", k_out)):
-            if t.shape != (B, N, H, d) or t.dtype != q.dtype or t.device != q.device or not t.is_contiguous():
-                raise ValueError(
-                    f"{name}: expected a contiguous {q.dtype} ({B}, {N}, {H}, {d}) tensor on {q.device}, got "
-                    f"{t.dtype} {tuple(t.shape)} on {t.device}"
-                )
+    q_out, k_out = _prologue_outputs(out, q, k)
     cfg = _config("prologue", q)
     attn_prologue_kernel[(triton.cdiv(N, cfg.block_m) * B,)](
         q,

@@ -307,8 +307,8 @@ def test_fused_qk_norm_and_rope_forward_and_backward(case):
 @pytest.mark.parametrize("dt", ["fp32", "fp16"])
 def test_prologue_pre_pass_with_rope_tables_per_head_and_per_batch(dt, table, half, qk_norm):
     """The pre-pass folds the sin/cos tile into its coefficients once per program when the table is shared by the
-    heads, per head otherwise; both within 2x PyTorch's error (timm's prologue) against float64. Ragged N = 17
-    (16-token tiles)."""
+    heads, and applies the affine and then the rotation when each head has its own; both within 2x PyTorch's error
+    (timm's prologue) against float64. Ragged N = 17 (16-token tiles)."""
     B, N, H, d, P = 2, 17, 3, 16, 2
     dtype = DTYPES[dt]
     q, k, _ = packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=N)
@@ -325,45 +325,78 @@ def test_prologue_pre_pass_with_rope_tables_per_head_and_per_batch(dt, table, ha
 
 
 PRE_PASS_RAGGED_CASES = [
-    # (N, d, P, table): ragged last tiles (the kernel's loads repeat row N - 1 there), padded and unpadded d
-    (1, 64, 0, "per-head"),
-    (17, 64, 5, "per-head"),
-    (261, 64, 5, "per-head"),
-    (261, 64, 5, "shared"),
-    (197, 72, 1, "per-head"),
-    (197, 72, 1, "shared"),
+    # (B, N, d, P, table, qk_norm, rotate_half): ragged last tiles (the kernel's loads repeat row N - 1 there),
+    # power-of-two d (mask-free loads) and padded d = 72 (BLOCK_D = 128; rotate_half permutes the columns)
+    (1, 1, 64, 0, "per-head", True, False),
+    (2, 17, 64, 5, "per-head", True, True),
+    (1, 261, 64, 5, "per-head", True, False),
+    (1, 261, 64, 5, "shared", True, True),
+    (2, 197, 72, 1, "per-head", True, True),
+    (1, 197, 72, 1, "per-head", False, True),
+    (1, 197, 72, 1, "shared", True, False),
+    (1, 33, 72, 17, "per-head", False, False),
 ]
 
 
-@pytest.mark.parametrize("dt", ["fp32", "fp16"])
-@pytest.mark.parametrize("case", PRE_PASS_RAGGED_CASES, ids=lambda c: case_id(c[3], B=1, N=c[0], H=2, D=c[1], P=c[2]))
+def _pre_pass_case_id(case, dt):
+    B, N, d, P, table, qk_norm, half = case
+    return case_id(
+        table,
+        "qknorm" if qk_norm else "rope-only",
+        "half" if half else "interleaved",
+        B=B,
+        N=N,
+        H=2,
+        D=d,
+        P=P,
+        dtype=dt,
+    )
+
+
+@pytest.mark.parametrize(
+    "case, dt",
+    [(c, dt) for c in PRE_PASS_RAGGED_CASES for dt in ("fp32", "fp16")],
+    ids=[_pre_pass_case_id(c, dt) for c in PRE_PASS_RAGGED_CASES for dt in ("fp32", "fp16")],
+)
 def test_prologue_pre_pass_ragged_lengths(case, dt):
-    """qk_norm + RoPE pre-pass at ViT lengths: every row written (NaN-prefilled outputs), within 2x PyTorch's error
+    """qk_norm / RoPE pre-pass at ViT lengths: every row written (NaN-prefilled outputs), within 2x PyTorch's error
     (timm's prologue) against float64; with a table per head the affine and the rotation are applied in turn, with a
     shared one they are folded into per-program coefficients."""
-    N, d, P, table = case
-    B, H, dtype = 1, 2, DTYPES[dt]
+    B, N, d, P, table, qk_norm, half = case
+    H, dtype = 2, DTYPES[dt]
     q, k, _ = packed_qkv(B, N, H, d, dtype=dtype, device=DEVICE, seed=N + d)
     g = torch.Generator().manual_seed(N)
     qw, qb, kw, kb = ((torch.randn(d, generator=g) * 0.5 + 1).to(DEVICE, dtype) for _ in range(4))
     lead = (H,) if table == "per-head" else ()
     rope = torch.randn(*lead, N - P, 2 * d, generator=g).to(DEVICE)
     outputs = tuple(torch.full((B, N, H, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
-    got_q, got_k = triton_kernels.qk_prologue(q, k, qw, qb, kw, kb, 1e-5, True, rope, P, False, out=outputs)
+    got_q, got_k = triton_kernels.qk_prologue(q, k, qw, qb, kw, kb, 1e-5, qk_norm, rope, P, half, out=outputs)
     assert got_q is outputs[0] and got_k is outputs[1]
     for t, got, nw, nb in ((q, got_q, qw, qb), (k, got_k, kw, kb)):
         assert not got.isnan().any()
-        want = reference.qk_prologue(t, nw, nb, 1e-5, True, rope, P, False)
-        want64 = reference.qk_prologue(t.double(), nw.double(), nb.double(), 1e-5, True, rope.double(), P, False)
+        want = reference.qk_prologue(t, nw, nb, 1e-5, qk_norm, rope, P, half)
+        want64 = reference.qk_prologue(t.double(), nw.double(), nb.double(), 1e-5, qk_norm, rope.double(), P, half)
         floor = 4 * torch.finfo(dtype).eps * want64.abs().max().item()
         assert max_error(got, want64) <= 2 * max(max_error(want, want64), floor)
 
 
 def test_prologue_out_buffers_are_checked():
     q, k, _ = packed_qkv(1, 9, 1, 16, device=DEVICE)
-    wrong = (torch.empty(1, 9, 1, 16, device=DEVICE), torch.empty(1, 9, 2, 16, device=DEVICE))
-    with pytest.raises(ValueError, match=r"out\[1\]: expected a contiguous torch.float32 \(1, 9, 1, 16\)"):
-        triton_kernels.qk_prologue(q, k, None, None, None, None, 1e-5, True, None, 1, False, out=wrong)
+
+    def run(out):
+        triton_kernels.qk_prologue(q, k, None, None, None, None, 1e-5, True, None, 1, False, out=out)
+
+    good = torch.empty(1, 9, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"out\[1\]: expected a contiguous torch.float32 \(1, 9, 1, 16\) tensor"):
+        run((good, torch.empty(1, 9, 2, 16, device=DEVICE)))
+    with pytest.raises(ValueError, match=r"out\[0\]: .* got a contiguous torch.float16"):
+        run((good.half(), good.clone()))
+    with pytest.raises(ValueError, match=r"out\[0\]: .* got a non-contiguous torch.float32 \(1, 9, 1, 16\)"):
+        run((torch.empty(1, 16, 1, 9, device=DEVICE).transpose(1, 3), good))
+    with pytest.raises(ValueError, match="out: expected two tensors of their own storage"):
+        run((good, good))
+    with pytest.raises(ValueError, match=r"out: expected a \(q_out, k_out\) pair of tensors, got Tensor"):
+        run(good)
 
 
 def test_rope_table_shape_is_checked():
