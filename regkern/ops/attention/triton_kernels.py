@@ -229,6 +229,7 @@ def _prologue_heads(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QK_NORM: tl.constexpr, USE_ROPE: tl.constexpr,
     ROTATE_HALF: tl.constexpr, ROPE_PER_HEAD: tl.constexpr,
 ):  # fmt: skip
+    # (its own function: the same loop inlined in the kernel compiles to ~3% more instructions, sm_90 and sm_80)
     # every head of one program's tokens in turn: q' and k' of head h per step. q_coef, k_coef: (w, bias) with a
     # RoPE table per head (this head's sin/cos are loaded here, under rope_mask), else their _prologue_tile coef
     q_tile, k_tile, q_out, k_out, load_mask, store_mask, col_ok = tiles
